@@ -1,0 +1,45 @@
+# QAFlow: `make run` (live demo) and `make test` do all set-up themselves:
+# virtualenv, install, and RabbitMQ + a MongoDB-wire server when none is reachable.
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+ENVFILE := .qaflow/servers.env
+WITH_SERVERS := set -a && . $(ENVFILE) && set +a &&
+
+.PHONY: run test bench servers stop-servers venv clean doctor
+
+venv: $(STAMP)
+
+$(STAMP): setup.py constraints.txt
+	@if [ ! -x $(BIN)/python ]; then \
+	  $(PY) -m venv $(VENV) 2>/dev/null || { \
+	    echo "[setup] python3 -m venv failed; installing Debian's python3-venv"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv && \
+	    rm -rf $(VENV) && $(PY) -m venv $(VENV); }; \
+	fi
+	@echo "[setup] installing qaflow and its test extras into $(VENV)"
+	@$(BIN)/pip install -q --disable-pip-version-check -c constraints.txt -e '.[test]'
+	@touch $(STAMP)
+
+servers: $(STAMP)
+	@$(BIN)/python scripts/ensure_servers.py --env-file $(ENVFILE)
+
+stop-servers:
+	@$(BIN)/python scripts/ensure_servers.py --stop
+
+run: servers
+	@$(WITH_SERVERS) $(BIN)/qaflow demo
+
+test: servers
+	@$(WITH_SERVERS) $(BIN)/python -m pytest -q
+
+bench: servers
+	@$(WITH_SERVERS) $(BIN)/python -m benchmarks.run --out benchmarks/results/latest.json
+
+doctor: servers
+	@$(WITH_SERVERS) $(BIN)/qaflow doctor
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis *.egg-info

@@ -1,0 +1,1 @@
+"""qaaccount package."""

@@ -1,0 +1,1 @@
+"""qamarket package."""
