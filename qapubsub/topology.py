@@ -100,16 +100,16 @@ class Topology:
         self.exchanges: tuple[Exchange, ...] = (
             Exchange(self.dlx, "fanout", doc="dead letters: malformed or failed messages, with x-qa-error"),
             Exchange(self.unroutable, "fanout", doc="alternate exchange of qaorder and qarisk"),
-            Exchange(self.tick, "topic", doc="raw ticks, key <EXCHANGE>.<symbol>"),
-            Exchange(self.rtbar, "topic", doc="realtime (unfinished) bars, key <freq>.<EXCHANGE>.<symbol>"),
-            Exchange(self.bar, "topic", doc="closed bars, key <freq>.<EXCHANGE>.<symbol>"),
+            Exchange(self.tick, "topic", doc="raw ticks, key `<EXCHANGE>.<symbol>`"),
+            Exchange(self.rtbar, "topic", doc="realtime (unfinished) bars, key `<freq>.<EXCHANGE>.<symbol>`"),
+            Exchange(self.bar, "topic", doc="closed bars, key `<freq>.<EXCHANGE>.<symbol>`"),
             Exchange(self.order, "topic", arguments=ae, doc="orders and cancels from anyone, key = account or group"),
             # QAPUBSUB declares it direct and non-durable; any other declaration breaks its clients.
             Exchange(self.qapubsub_order, "direct", durable=False,
                      doc="QUANTAXIS QAPUBSUB publisher_routing orders (QATrader JSON), key = account"),
             Exchange(self.risk, "topic", arguments=ae, doc="force-close / release from the risk identity, key = account"),
             Exchange(self.exec, "topic", doc="child orders to executors, key = account"),
-            Exchange(self.report, "topic", doc="order status, trades, snapshots, key <account>.<kind>"),
+            Exchange(self.report, "topic", doc="order status, trades, snapshots, key `<account>.<kind>`"),
         )
         # Queues that must exist even while their consumer is down, so nothing is lost.
         self.dead_letters = Queue(n("qa.dead"), arguments={"x-queue-mode": "lazy"},
@@ -225,3 +225,19 @@ async def declare_queue_async(channel: Any, q: Queue) -> Any:
         return queue
     except aiormq.exceptions.ChannelPreconditionFailed as exc:
         raise TopologyMismatch(explain_precondition(str(exc))) from None
+
+
+def markdown_tables(topo: Topology | None = None) -> str:
+    """The exchange and queue tables of docs/topology.md (a test keeps the doc equal to this)."""
+    topo = topo or Topology()
+    rows = ["| exchange | type | durable | arguments | carries |", "|---|---|---|---|---|"]
+    for ex in topo.exchanges:
+        args = ", ".join(f"`{k}={v}`" for k, v in ex.arguments.items()) or "-"
+        rows.append(f"| `{ex.name}` | {ex.type} | {'yes' if ex.durable else 'no'} | {args} | {ex.doc} |")
+    rows += ["", "| queue | kind | arguments | bound to |", "|---|---|---|---|"]
+    for q in topo.platform_queues:
+        kind = "quorum" if q.quorum else ("classic, durable" if q.durable else "classic, transient")
+        args = ", ".join(f"`{k}={v}`" for k, v in q.arguments.items() if k != "x-queue-type") or "-"
+        binds = ", ".join(f"`{b.exchange}` `{b.routing_key or '(any)'}`" for b in q.bindings)
+        rows.append(f"| `{q.name}` | {kind} | {args} | {binds} |")
+    return "\n".join(rows) + "\n"
