@@ -27,6 +27,8 @@ setup(
             "pytest-timeout>=2.3",
             "hypothesis>=6.100",
             "nx-27017>=0.8",
+            "pandas>=2.2",  # reference computations for the indicator tests
+            "numpy>=1.26",
         ],
         "ctp": ["vnpy_ctp>=6.7"],
     },

@@ -1,0 +1,133 @@
+"""Per-instrument tick cleaning: keep a tick or name why it is dropped. Pure, no I/O.
+
+Drop reasons (counted in :attr:`TickCleaner.dropped`, a ``Counter`` ready for a
+Prometheus counter labelled by reason):
+
+``bad_price``        last price zero, negative, NaN or CTP's unset ``DBL_MAX``
+``duplicate``        the same snapshot as the previous kept tick (time, price, cumulative
+                     volume/turnover, open interest, best bid/ask) — a re-sent tick
+``out_of_order``     older than the previous kept tick, or same time with a lower
+                     cumulative volume
+``stale``            older than ``max_age_ms`` against the clock passed in (``now``)
+``outside_session``  not in a trading or auction phase of the instrument, or on a day
+                     without a session (weekend, injected holiday)
+
+Kept ticks are normalised in place when ``normalize=True``: other price fields holding
+CTP's unset ``DBL_MAX`` (open/high/low, limits, deeper book levels) become ``0.0``.
+"""
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Callable
+from typing import Final
+
+from .models import UNSET_PRICE, InstrumentSpec, Tick
+from .sessions import END_GRACE_MS, MS_MIN, Calendar, DEFAULT_CALENDAR, Phase, template
+
+BAD_PRICE: Final = "bad_price"
+DUPLICATE: Final = "duplicate"
+OUT_OF_ORDER: Final = "out_of_order"
+STALE: Final = "stale"
+OUTSIDE_SESSION: Final = "outside_session"
+REASONS: tuple[str, ...] = (BAD_PRICE, DUPLICATE, OUT_OF_ORDER, STALE, OUTSIDE_SESSION)
+
+_PRICE_FIELDS = (
+    "open_price", "high_price", "low_price", "pre_close", "pre_settlement", "limit_up", "limit_down",
+    *(f"{side}_price_{i}" for side in ("bid", "ask") for i in range(1, 6)),
+)
+
+
+def _key(t: Tick) -> tuple[object, ...]:
+    return (t.datetime, t.last_price, t.volume, t.turnover, t.open_interest,
+            t.bid_price_1, t.ask_price_1, t.bid_volume_1, t.ask_volume_1)
+
+
+class TickCleaner:
+    """Cleaner for one instrument.
+
+    ``max_age_ms``: drop a tick older than this against ``now`` (given to :meth:`check`,
+    else taken from ``clock``; both exchange-local epoch ms); ``None`` disables the check.
+    ``check_sessions``: drop ticks outside the instrument's sessions.
+    """
+
+    def __init__(
+        self,
+        spec: InstrumentSpec,
+        *,
+        max_age_ms: int | None = None,
+        clock: Callable[[], int] | None = None,
+        calendar: Calendar | None = None,
+        check_sessions: bool = True,
+        normalize: bool = True,
+    ) -> None:
+        self.spec = spec
+        self._tpl = template(spec)
+        self.max_age_ms = max_age_ms
+        self.clock = clock
+        self.calendar = calendar or DEFAULT_CALENDAR
+        self.check_sessions = check_sessions
+        self.normalize = normalize
+        self.dropped: Counter[str] = Counter({r: 0 for r in REASONS})
+        self.kept = 0
+        self._last: Tick | None = None
+        self._last_key: tuple[object, ...] | None = None
+        self._day_ok: dict[int, bool] = {}
+
+    def check(self, tick: Tick, now: int | None = None) -> str | None:
+        """``None`` if ``tick`` is kept (and becomes the reference for the next), else the drop reason."""
+        reason = self._reason(tick, now)
+        if reason is None:
+            self.kept += 1
+            self._last = tick
+            self._last_key = _key(tick)
+            if self.normalize:
+                for f in _PRICE_FIELDS:
+                    if getattr(tick, f) >= UNSET_PRICE:
+                        setattr(tick, f, 0.0)
+        else:
+            self.dropped[reason] += 1
+        return reason
+
+    def clean(self, tick: Tick, now: int | None = None) -> Tick | str:
+        """The tick if kept, else the drop reason (a ``str``)."""
+        reason = self.check(tick, now)
+        return tick if reason is None else reason
+
+    def _reason(self, tick: Tick, now: int | None) -> str | None:
+        p = tick.last_price
+        if not (0.0 < p < UNSET_PRICE) or math.isnan(p):
+            return BAD_PRICE
+        t = tick.datetime
+        last = self._last
+        if last is not None:
+            if t < last.datetime:
+                return OUT_OF_ORDER
+            if _key(tick) == self._last_key:
+                return DUPLICATE
+            if t == last.datetime and tick.volume < last.volume:
+                return OUT_OF_ORDER
+        if self.max_age_ms is not None:
+            if now is None and self.clock is not None:
+                now = self.clock()
+            if now is not None and now - t > self.max_age_ms:
+                return STALE
+        if self.check_sessions:
+            mod = t // MS_MIN % 1440
+            tpl = self._tpl
+            if tpl.phase[mod] is Phase.CLOSED and not (tpl.grace_end[mod] and t % MS_MIN < END_GRACE_MS):
+                return OUTSIDE_SESSION
+            hour_key = t // 3_600_000
+            ok = self._day_ok.get(hour_key)
+            if ok is None:
+                if len(self._day_ok) > 1024:
+                    self._day_ok.clear()
+                ok = self._day_ok[hour_key] = self.calendar.is_session_day(t)
+            if not ok:
+                return OUTSIDE_SESSION
+        return None
+
+    def reset(self) -> None:
+        """Forget the reference tick (e.g. after a reconnect that replays the day)."""
+        self._last = None
+        self._last_key = None
