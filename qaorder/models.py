@@ -153,6 +153,16 @@ class Order(Message, tag="qa.order", forbid_unknown_fields=True):
 
     def __post_init__(self) -> None:
         ids = {"order_id": self.order_id, "account": self.account}
+        # Built in code (not decoded), msgspec keeps plain strings: make them the enums here.
+        for name, enum_type in (("exchange", Exchange), ("direction", Direction), ("offset", Offset),
+                                ("price_type", PriceType)):
+            value = getattr(self, name)
+            if not isinstance(value, enum_type):
+                try:
+                    setattr(self, name, enum_type(value))
+                except ValueError:
+                    raise OrderRejected(name, f"{value!r} is not one of {', '.join(m.value for m in enum_type)}",
+                                        **ids) from None
         if self.price_type is PriceType.MARKET:
             if self.price is not None:
                 _finite_positive("price", self.price, **ids)
@@ -231,6 +241,14 @@ class Trade(Message, tag="qa.trade", forbid_unknown_fields=True):
     commission: float | None = None
 
     def __post_init__(self) -> None:
+        for name, enum_type in (("exchange", Exchange), ("direction", Direction), ("offset", Offset)):
+            value = getattr(self, name)
+            if not isinstance(value, enum_type):
+                try:
+                    setattr(self, name, enum_type(value))
+                except ValueError:
+                    raise OrderRejected(name, f"{value!r} is not valid", order_id=self.order_id,
+                                        account=self.account) from None
         _finite_positive("price", self.price, order_id=self.order_id, account=self.account)
         if self.commission is not None and (not math.isfinite(self.commission) or self.commission < 0):
             raise OrderRejected("commission", "must be finite and >= 0", order_id=self.order_id, account=self.account)
