@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "doctor": ("handlers.doctor", "check broker, MongoDB, credentials and topology; say what to fix"),
     "declare": ("handlers.declare", "declare every exchange and platform queue (idempotent)"),
     "demo": ("handlers.demo", "a short live demo: publish, route, consume, dead-letter"),
+    "source": ("handlers.source", "market-data sources: random, replay, sina, qq"),
 }
 
 
