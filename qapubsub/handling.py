@@ -7,6 +7,7 @@ behave the same:
 * body cannot be decoded, or
   the handler raises Reject  -> publish a copy to the dead-letter exchange with the reason
                                 in ``x-qa-error`` (confirmed), then ack the original;
+* handler raises Transient -> wait (back-off), requeue, do not count an attempt;
 * handler raises anything
   else                       -> requeue, up to ``max_attempts`` deliveries in all, then
                                 dead-letter with the last error as the reason.
@@ -37,6 +38,14 @@ class Reject(Exception):
     """Raised by a handler for a message that can never succeed (invalid, wrong schema...).
 
     The message is dead-lettered at once with ``str(exc)`` as the reason; no retry.
+    """
+
+
+class Transient(Exception):
+    """Raised by a handler whose side effect cannot be done *now* (database down, broker busy).
+
+    The message is requeued after a back-off and retried without counting an attempt: an
+    outage must never dead-letter good messages.
     """
 
 
