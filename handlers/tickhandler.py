@@ -1,0 +1,283 @@
+"""``qaflow tickhandler``: ticks in, clean -> persist -> realtime and closed bars out.
+
+One process consumes the durable tick queue in batches (:class:`qapubsub.batch.BatchConsumer`)
+and for every batch, in this order:
+
+1. cleans each tick (:class:`qamarket.cleaning.TickCleaner`: bad/unset prices, duplicates,
+   out-of-order, outside the instrument's sessions), counting each drop reason;
+2. persists the kept ticks (:class:`qamarket.store.TickStore`, bucketed and idempotent:
+   a redelivered or replayed tick is not stored twice and not aggregated twice);
+3. aggregates the newly stored ticks (:class:`qamarket.aggregation.Aggregator`);
+4. upserts the closed bars (:class:`qamarket.store.BarStore`) and publishes them to
+   ``qa.bar`` with a deterministic message id ``bar.<freq>.<EX>.<symbol>.<label>``
+   (confirmed), and the realtime bars to ``qa.rtbar`` (throttled to one per 500 ms per
+   instrument by the aggregator);
+5. only then acknowledges the batch.
+
+Between batches a timer closes bars whose minute is over although no later tick came
+(QARealtimeCollector's ``:00`` defect). The timer's clock is the feed's: the newest tick
+time plus the wall time since it arrived, so a replay or a simulated feed closes its
+bars on its own time line (``--clock wall`` uses China Standard Time instead).
+
+After a restart the aggregator is rebuilt from the stored ticks of each instrument's
+current trading day; bars already stored are not published again. A crash between
+publishing a bar and acknowledging the batch can publish that bar a second time, with
+the same message id: consumers deduplicate by it.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import logging
+import signal
+import time
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import msgspec
+
+from qamarket.aggregation import Aggregator
+from qamarket.cleaning import TickCleaner
+from qamarket.models import DEFAULT_REGISTRY, Bar, Tick, TickBatch, UnknownInstrument
+from qamarket.sessions import to_ms
+from qapubsub import keys
+from qapubsub.handling import Transient
+from qapubsub.settings import Settings
+from qapubsub.topology import Topology
+
+log = logging.getLogger(__name__)
+
+ALL_FREQS = ("1min", "5min", "15min", "30min", "60min", "1day")
+CHINA = dt.timezone(dt.timedelta(hours=8))
+
+
+def bar_message_id(bar: Bar) -> str:
+    return f"bar.{bar.freq}.{bar.exchange}.{bar.symbol}.{bar.datetime}"
+
+
+class FeedClock:
+    """Exchange-local ms: the newest tick time seen plus the wall time elapsed since it came."""
+
+    def __init__(self, mode: str = "feed") -> None:
+        self.mode = mode
+        self._feed_ms: int | None = None
+        self._seen_at = 0.0
+
+    def saw(self, tick_ms: int) -> None:
+        if self._feed_ms is None or tick_ms > self._feed_ms:
+            self._feed_ms, self._seen_at = tick_ms, time.monotonic()
+
+    def now(self) -> int | None:
+        if self.mode == "wall":
+            return to_ms(dt.datetime.now(CHINA).replace(tzinfo=None))
+        if self._feed_ms is None:
+            return None
+        return self._feed_ms + int((time.monotonic() - self._seen_at) * 1000)
+
+
+class TickPipeline:
+    """The tickhandler's work, independent of how batches arrive (tests drive it directly)."""
+
+    def __init__(self, tick_store: Any, bar_store: Any, publish_bars: Any, *, freqs: Sequence[str] = ALL_FREQS,
+                 realtime: Sequence[str] = ("1min",), clock: FeedClock | None = None, timer_grace_ms: int = 1000,
+                 check_sessions: bool = True) -> None:
+        self.ticks = tick_store
+        self.bars = bar_store
+        self.publish_bars = publish_bars  # (closed: list[Bar], realtime: list[Bar]) -> None, confirmed on return
+        self.freqs = tuple(dict.fromkeys(("1min", *freqs)))
+        self.agg = Aggregator(freqs=self.freqs, realtime=tuple(realtime))
+        self.clock = clock or FeedClock()
+        self.timer_grace_ms = timer_grace_ms
+        self.check_sessions = check_sessions
+        self.cleaners: dict[tuple[str, str], TickCleaner] = {}
+        self.dropped: Counter[str] = Counter()
+        self.counts: Counter[str] = Counter()
+        self._published_upto: dict[tuple[str, str, str], int] = {}  # bars at or before are stored
+
+    # recovery ----------------------------------------------------------------------------------
+    def recover(self) -> int:
+        """Rebuild the aggregator from today's stored ticks; returns the ticks replayed."""
+        marks = self.ticks.load_watermarks()
+        replayed = 0
+        for ex, sym in marks:
+            last = self.ticks.last_tick(ex, sym)
+            if last is None:
+                continue
+            for freq in self.freqs:
+                bar = self.bars.last_bar(ex, sym, freq)
+                if bar is not None:
+                    self._published_upto[(ex, sym, freq)] = bar.datetime
+            day_start = self._day_start(last)
+            todays = self.ticks.ticks(ex, sym, start=day_start)
+            cleaner = self._cleaner(last)
+            for t in todays:
+                if cleaner is not None and cleaner.check(t) is None:
+                    self._emit(self.agg.on_tick(t), replaying=True)
+                    self.clock.saw(t.datetime)
+            replayed += len(todays)
+        if replayed:
+            log.info("rebuilt bars from %d stored ticks of %d instruments", replayed, len(marks))
+        return replayed
+
+    @staticmethod
+    def _day_start(t: Tick) -> int:
+        # The trading day starts with the night session of the business day before it: go back far
+        # enough (the evening before, 18:00) and let the store's range do the rest.
+        day = dt.datetime.strptime(t.trading_day, "%Y%m%d") if t.trading_day else t.dt.replace(hour=0, minute=0)
+        prev = day - dt.timedelta(days=3 if day.weekday() == 0 else 1)
+        return to_ms(prev.replace(hour=18, minute=0, second=0, microsecond=0))
+
+    # the batch ----------------------------------------------------------------------------------
+    def _cleaner(self, t: Tick) -> TickCleaner | None:
+        key = (t.exchange, t.symbol)
+        c = self.cleaners.get(key)
+        if c is None:
+            try:
+                spec = DEFAULT_REGISTRY.get(t.symbol, t.exchange)
+            except UnknownInstrument:
+                return None
+            c = self.cleaners[key] = TickCleaner(spec, check_sessions=self.check_sessions)
+        return c
+
+    def handle(self, items: Sequence[tuple[Tick | TickBatch, Any]]) -> dict[int, str]:
+        """Clean, persist, aggregate, publish. Returns ``{delivery_tag: reason}`` to dead-letter."""
+        rejected: dict[int, str] = {}
+        kept: list[Tick] = []
+        for payload, delivery in items:
+            ticks = payload.ticks if isinstance(payload, TickBatch) else (payload,)
+            for t in ticks:
+                cleaner = self._cleaner(t)
+                if cleaner is None:
+                    rejected[delivery.delivery_tag] = f"unknown instrument {t.exchange}.{t.symbol}: no spec, no sessions"
+                    break
+                reason = cleaner.check(t)
+                if reason is None:
+                    kept.append(t)
+                else:
+                    self.dropped[reason] += 1
+        self.counts["received"] += sum(len(p.ticks) if isinstance(p, TickBatch) else 1 for p, _ in items)
+        try:
+            result = self.ticks.write(kept)
+        except Exception as exc:  # pymongo errors: the database is down or refused the write
+            raise Transient(f"tick store: {type(exc).__name__}: {exc}") from exc
+        self.counts["stored"] += result.stored
+        self.counts["skipped_stored"] += result.skipped
+        bars: list[Bar] = []
+        for t in result.new:
+            bars.extend(self.agg.on_tick(t))
+            self.clock.saw(t.datetime)
+        self._emit(bars)
+        return rejected
+
+    def on_timer(self) -> None:
+        now = self.clock.now()
+        if now is not None:
+            self._emit(self.agg.on_timer(now - self.timer_grace_ms))
+
+    def flush(self) -> None:
+        """Shutdown: nothing to do, open bars are rebuilt from the stored ticks at the next start."""
+
+    def _emit(self, bars: Sequence[Bar], replaying: bool = False) -> None:
+        if not bars:
+            return
+        closed, realtime = [], []
+        for b in bars:
+            if not b.final:
+                realtime.append(b)
+                continue
+            upto = self._published_upto.get((b.exchange, b.symbol, b.freq))
+            if upto is not None and b.datetime <= upto:
+                continue  # stored (and published) before a restart
+            closed.append(msgspec.structs.replace(b, id=bar_message_id(b)))
+        if replaying:
+            realtime = []
+        if closed:
+            try:
+                self.bars.write(closed)
+            except Exception as exc:
+                raise Transient(f"bar store: {type(exc).__name__}: {exc}") from exc
+            for b in closed:
+                self._published_upto[(b.exchange, b.symbol, b.freq)] = b.datetime
+        if closed or realtime:
+            self.publish_bars(closed, realtime)
+            self.counts["bars_closed"] += len(closed)
+            self.counts["bars_realtime"] += len(realtime)
+
+
+def make_bar_publisher(connection: Any, topology: Topology) -> Any:
+    """Closed bars persistent and confirmed before the batch is acked; realtime bars transient."""
+    from qapubsub.sync import StreamPublisher
+
+    closed_pub = StreamPublisher(connection, topology=topology, persistent=True, batch_size=1000)
+    rt_pub = StreamPublisher(connection, topology=topology, persistent=False, batch_size=1000)
+
+    def publish(closed: Sequence[Bar], realtime: Sequence[Bar]) -> None:
+        for b in closed:
+            closed_pub.publish(topology.bar, keys.bar_key(b.freq, b.exchange, b.symbol), b)
+        for b in realtime:
+            rt_pub.publish(topology.rtbar, keys.bar_key(b.freq, b.exchange, b.symbol), b)
+        closed_pub.flush()
+        rt_pub.flush()
+
+    return publish
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--namespace", default=None, help="name prefix (tests); default QA_NAMESPACE or none")
+    parser.add_argument("--freqs", default=",".join(ALL_FREQS), help="bar frequencies (1min always)")
+    parser.add_argument("--realtime", default="1min", help="frequencies with realtime updates on qa.rtbar")
+    parser.add_argument("--batch-size", type=int, default=1000, help="messages per batch (default 1000)")
+    parser.add_argument("--batch-wait", type=float, default=0.02, help="seconds to wait to fill a batch")
+    parser.add_argument("--prefetch", type=int, default=4000)
+    parser.add_argument("--clock", choices=("feed", "wall"), default="feed",
+                        help="timer clock for closing bars without a later tick (default: the feed's time)")
+    parser.add_argument("--no-session-check", action="store_true", help="keep ticks outside trading sessions")
+
+
+def build(settings: Settings, args: argparse.Namespace) -> tuple[Any, TickPipeline]:
+    import pymongo
+
+    from qamarket.store import BarStore, TickStore
+    from qapubsub.batch import BatchConsumer
+    from qapubsub.sync import Connection
+
+    topo = Topology(settings.namespace if args.namespace is None else args.namespace)
+    db = pymongo.MongoClient(settings.mongo_url, serverSelectionTimeoutMS=5000)[settings.mongo_db]
+    conn = Connection(settings, client_name="qaflow-tickhandler")
+    freqs = [f.strip() for f in args.freqs.split(",") if f.strip()]
+    unknown = sorted(set(freqs) - set(ALL_FREQS))
+    if unknown:
+        from qapubsub.settings import ConfigError
+        raise ConfigError(f"--freqs: unknown frequency {', '.join(unknown)} (use {', '.join(ALL_FREQS)})")
+    pipeline = TickPipeline(TickStore(db), BarStore(db), make_bar_publisher(conn, topo), freqs=freqs,
+                            realtime=[f.strip() for f in args.realtime.split(",") if f.strip()],
+                            clock=FeedClock(args.clock), check_sessions=not args.no_session_check)
+    consumer = BatchConsumer(conn, topo.tickhandler, pipeline.handle, message_type=Tick | TickBatch,
+                             topology=topo, batch_size=args.batch_size, batch_wait=args.batch_wait,
+                             prefetch=args.prefetch, on_idle=pipeline.on_timer, idle_interval=0.1)
+    return consumer, pipeline
+
+
+def run(args: argparse.Namespace) -> int:
+    settings = Settings.from_env()
+    consumer, pipeline = build(settings, args)
+
+    def stop_during_recovery(signum: int, _frame: Any) -> None:
+        # Recovery only reads MongoDB and nothing has been consumed yet: stopping now loses nothing.
+        log.info("signal %s during recovery: exiting", signal.Signals(signum).name)
+        raise SystemExit(0)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, stop_during_recovery)
+    pipeline.recover()
+    log.info("tickhandler consuming %s", consumer.queue_name)
+    code = consumer.run_until_signal()
+    log.info("tickhandler stopped: %s; dropped %s", dict(pipeline.counts), dict(pipeline.dropped))
+    return code
+
+
+if __name__ == "__main__":
+    from handlers.cli import run_module
+
+    raise SystemExit(run_module(__name__, None, "qaflow tickhandler"))

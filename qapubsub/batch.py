@@ -1,0 +1,185 @@
+"""A consumer that hands its handler a *batch* of messages and acknowledges them together.
+
+For high-rate streams whose side effect is cheaper in bulk (the tickhandler writes one
+MongoDB chunk per instrument per batch): messages are collected until ``batch_size`` or
+``batch_wait`` seconds, the batch handler runs, and only then is the whole batch
+acknowledged with one ``multiple`` ack. Nothing is acknowledged before its side effect.
+
+Outcomes, per :mod:`qapubsub.handling`:
+
+* undecodable message -> dead-lettered on its own (after the batch collected so far has
+  been handled, so acks stay in order);
+* the handler returns ``{delivery_tag: reason}`` -> those messages are dead-lettered with
+  the reason, the rest acknowledged;
+* the handler raises :class:`~qapubsub.handling.Transient` -> back-off, the whole batch is
+  requeued, no attempt counted (a database outage never dead-letters good data);
+* the handler raises anything else -> back-off and requeue, counting an attempt for every
+  message; once a message reaches ``max_attempts`` the batch is replayed one message at a
+  time so that only the poison message is dead-lettered.
+
+``on_idle`` runs every ``idle_interval`` seconds on the consumer's thread, between
+deliveries (the tickhandler closes bars by timer there).
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import pika.spec
+from pika.adapters.blocking_connection import BlockingChannel
+
+from . import handling
+from .handling import Outcome, Transient
+from .messages import DecodeError, decode
+from .sync import Backoff, Connection, Consumer, Delivery
+from .topology import Queue
+
+log = logging.getLogger(__name__)
+
+BatchHandler = Callable[[Sequence[tuple[Any, Delivery]]], Mapping[int, str] | None]
+
+
+class BatchConsumer(Consumer):
+    """See the module doc. ``batch_handler(items) -> {delivery_tag: reason} | None``."""
+
+    def __init__(self, connection: Connection, queue: Queue | str, batch_handler: BatchHandler, *,
+                 batch_size: int = 500, batch_wait: float = 0.02, on_idle: Callable[[], None] | None = None,
+                 idle_interval: float = 0.1, prefetch: int = 2000, retry_backoff: Backoff | None = None,
+                 **kwargs: Any) -> None:
+        super().__init__(connection, queue, self._unused, prefetch=prefetch, ack_every=1 << 30,
+                         poll_interval=min(kwargs.pop("poll_interval", 0.05), batch_wait, idle_interval), **kwargs)
+        if batch_size < 1:
+            raise ValueError("batch_size must be >= 1")
+        self.batch_handler = batch_handler
+        self.batch_size = batch_size
+        self.batch_wait = batch_wait
+        self.on_idle = on_idle
+        self.idle_interval = idle_interval
+        self.retry_backoff = retry_backoff or Backoff(interval_start=0.2, interval_max=10.0)
+        self._batch: list[tuple[Any, Delivery]] = []
+        self._batch_started = 0.0
+        self._last_idle = time.monotonic()
+        self._transient_failures = 0
+        self.counts.update({"batches": 0, "transient_failures": 0})
+
+    @staticmethod
+    def _unused(_payload: Any, _delivery: Delivery) -> None:  # pragma: no cover - batches only
+        raise AssertionError("BatchConsumer dispatches batches")
+
+    # loop hooks ----------------------------------------------------------------------------
+    def _maybe_flush_acks(self) -> None:
+        now = time.monotonic()
+        if self._batch and now - self._batch_started >= self.batch_wait:
+            self._flush_batch()
+        if self.on_idle is not None and now - self._last_idle >= self.idle_interval:
+            self._last_idle = now
+            self.on_idle()
+        super()._maybe_flush_acks()
+
+    def _shutdown(self) -> None:
+        if self._batch and self._ch is not None and self._ch.is_open:
+            with self._ch.connection._acquire_event_dispatch():  # noqa: SLF001 - no re-entrant deliveries
+                self._flush_batch()  # finish what was delivered before closing
+        super()._shutdown()
+
+    def _setup(self) -> None:
+        self._batch = []  # deliveries of a dead channel will be redelivered
+        super()._setup()
+
+    # deliveries ----------------------------------------------------------------------------
+    def _on_message(self, ch: BlockingChannel, method: pika.spec.Basic.Deliver,
+                    props: pika.spec.BasicProperties, body: bytes) -> None:
+        delivery = Delivery(method.exchange, method.routing_key, bool(method.redelivered), method.delivery_tag,
+                            props, body, self.queue_name)
+        try:
+            payload = decode(body, self.message_type) if self.message_type is not None else body
+        except DecodeError as exc:
+            self._flush_batch()
+            self._dead_letter(delivery, str(exc), 1, self._extra(delivery))
+            self._flush_acks()
+            return
+        if not self._batch:
+            self._batch_started = time.monotonic()
+        self._batch.append((payload, delivery))
+        if len(self._batch) >= self.batch_size:
+            self._flush_batch()
+
+    def _extra(self, d: Delivery) -> dict[str, Any]:
+        return {"queue": self.queue_name, "routing_key": d.routing_key, "message_id": d.message_id}
+
+    @staticmethod
+    def _key(d: Delivery) -> str:
+        return d.message_id or "sha1:" + hashlib.sha1(d.body).hexdigest()  # noqa: S324 - an id
+
+    def _flush_batch(self) -> None:
+        batch, self._batch = self._batch, []
+        if not batch or self._ch is None:
+            return
+        try:
+            rejected = self.batch_handler(batch) or {}
+        except Transient as exc:
+            self._transient_failures += 1
+            self.counts["transient_failures"] += 1
+            log.warning("batch of %d not done (%s); requeueing after back-off", len(batch), exc,
+                        extra={"queue": self.queue_name})
+            self._requeue(batch, self.retry_backoff.delay(self._transient_failures - 1))
+            return
+        except Exception as exc:  # noqa: BLE001 - an outcome, not a crash
+            self._failed(batch, exc)
+            return
+        self._transient_failures = 0
+        self._finish(batch, rejected)
+
+    def _finish(self, batch: Sequence[tuple[Any, Delivery]], rejected: Mapping[int, str]) -> None:
+        for _payload, d in batch:
+            reason = rejected.get(d.delivery_tag)
+            if reason is not None:
+                self._dead_letter(d, reason, 1, self._extra(d))
+            else:
+                self.tracker.succeeded(self._key(d))
+                self._ack(d.delivery_tag)
+        self._flush_acks()
+        self.counts["batches"] += 1
+
+    def _requeue(self, batch: Sequence[tuple[Any, Delivery]], wait: float) -> None:
+        if self._stopping.wait(wait):
+            pass  # stopping: requeue at once, the broker redelivers to the next consumer
+        self._flush_acks()
+        assert self._ch is not None
+        self._ch.basic_nack(delivery_tag=batch[-1][1].delivery_tag, multiple=True, requeue=True)
+        self.counts["requeued"] += len(batch)
+
+    def _failed(self, batch: Sequence[tuple[Any, Delivery]], exc: Exception) -> None:
+        reason = handling.reason_of(exc)
+        outcomes = [self.tracker.failed(self._key(d), _count(d)) for _p, d in batch]
+        if all(o is Outcome.REQUEUE for o, _n in outcomes):
+            log.warning("batch of %d failed (%s); requeueing", len(batch), reason, extra={"queue": self.queue_name})
+            self._requeue(batch, self.retry_backoff.delay(max(n for _o, n in outcomes) - 1))
+            return
+        # Somebody is at its last attempt: find the poison one by handling them one at a time.
+        log.error("batch of %d failed again (%s); handling its messages one by one", len(batch), reason,
+                  extra={"queue": self.queue_name})
+        for item in batch:
+            payload, d = item
+            try:
+                rejected = self.batch_handler([item]) or {}
+            except Transient as t_exc:
+                raise RuntimeError(f"store unavailable while isolating a failed batch: {t_exc}") from t_exc
+            except Exception as one_exc:  # noqa: BLE001
+                self._dead_letter(d, handling.reason_of(one_exc), self.tracker.max_attempts, self._extra(d))
+                continue
+            reason_one = rejected.get(d.delivery_tag)
+            if reason_one is not None:
+                self._dead_letter(d, reason_one, 1, self._extra(d))
+            else:
+                self.tracker.succeeded(self._key(d))
+                self._ack(d.delivery_tag)
+        self._flush_acks()
+
+
+def _count(d: Delivery) -> int | None:
+    value = (d.properties.headers or {}).get("x-delivery-count")
+    return int(value) if isinstance(value, int) else None
