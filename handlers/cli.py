@@ -22,6 +22,12 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "doctor": ("handlers.doctor", "check broker, MongoDB, credentials and topology; say what to fix"),
     "declare": ("handlers.declare", "declare every exchange and platform queue (idempotent)"),
     "demo": ("handlers.demo", "a short live demo: publish, route, consume, dead-letter"),
+    "tickhandler": ("handlers.tickhandler", "daemon: clean, persist and aggregate ticks into bars"),
+    "router": ("handlers.router", "daemon: order router (groups, copy-trade, risk, force-close) to qa.exec"),
+    "broker": ("handlers.broker", "executors: sim (paper trading); ctp and qmt"),
+    "account": ("handlers.account", "daemon: QIFI accounts from reports; open, instrument, settle, show"),
+    "order": ("handlers.order", "send or cancel an order (published to qaorder, confirmed)"),
+    "follow": ("handlers.follow", "add, remove or list copy-trade follower rules"),
     "source": ("handlers.source", "market-data sources: random, replay, sina, qq"),
 }
 

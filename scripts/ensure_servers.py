@@ -157,7 +157,10 @@ def ensure_plugins_and_users(state: Path) -> dict[str, str]:
     else:
         say(f"RabbitMQ: plugins already enabled ({', '.join(PLUGINS)})")
     # The risk desk's identity: force-closes are accepted only with user_id = this user.
-    secret_file = state / "risk.secret"
+    # One secret per machine user, not per checkout: the broker user is shared by every clone.
+    secret_dir = Path(os.environ.get("QA_SECRETS_DIR", Path.home() / ".qaflow"))
+    secret_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    secret_file = secret_dir / "risk.secret"
     if secret_file.exists():
         password = secret_file.read_text().strip()
     else:
