@@ -25,6 +25,8 @@ from typing import Any
 BENCHMARKS: list[tuple[str, str, str]] = [
     ("transport", "benchmarks.bench_transport", "run"),
     ("aggregation", "benchmarks.bench_aggregation", "run"),
+    ("store", "benchmarks.bench_store", "run"),
+    ("risk", "benchmarks.bench_risk", "run"),
 ]
 
 
