@@ -21,6 +21,9 @@ $(STAMP): setup.py constraints.txt
 	fi
 	@echo "[setup] installing qaflow and its test extras into $(VENV)"
 	@$(BIN)/pip install -q --disable-pip-version-check -c constraints.txt -e '.[test]'
+	@echo "[setup] installing the CTP runtime (vn.py core + vnpy_ctp, compiled once: about 2 minutes)"
+	@$(BIN)/pip install -q --disable-pip-version-check --no-deps -c constraints.txt vnpy vnpy_ctp
+	@$(BIN)/pip install -q --disable-pip-version-check -c constraints.txt ta-lib
 	@touch $(STAMP)
 
 servers: $(STAMP)
