@@ -33,7 +33,7 @@ stop-servers:
 	@$(BIN)/python scripts/ensure_servers.py --stop
 
 run: servers
-	@$(WITH_SERVERS) $(BIN)/qaflow demo
+	@$(WITH_SERVERS) $(BIN)/qaflow demo $(if $(DURATION),--duration $(DURATION),)
 
 test: servers
 	@$(WITH_SERVERS) $(BIN)/python -m pytest -q

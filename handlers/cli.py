@@ -21,7 +21,9 @@ EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_CONNECT = 0, 1, 2, 3
 COMMANDS: dict[str, tuple[str, str]] = {
     "doctor": ("handlers.doctor", "check broker, MongoDB, credentials and topology; say what to fix"),
     "declare": ("handlers.declare", "declare every exchange and platform queue (idempotent)"),
-    "demo": ("handlers.demo", "a short live demo: publish, route, consume, dead-letter"),
+    "demo": ("handlers.demo", "the live demo `make run` shows: ticks, bars, orders, copy-trade, fills"),
+    "up": ("handlers.stack", "start the platform's daemons in the background (logs in .qaflow/logs)"),
+    "down": ("handlers.down", "stop the daemons `qaflow up` started"),
     "tickhandler": ("handlers.tickhandler", "daemon: clean, persist and aggregate ticks into bars"),
     "router": ("handlers.router", "daemon: order router (groups, copy-trade, risk, force-close) to qa.exec"),
     "broker": ("handlers.broker", "executors: sim (paper trading); ctp and qmt"),
