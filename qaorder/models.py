@@ -128,6 +128,18 @@ def _finite_positive(field: str, value: float | None, **ids: Any) -> None:
         raise OrderRejected(field, f"must be a finite number > 0, got {value!r}", **ids)
 
 
+def _coerce_enums(msg: Any, fields: tuple[tuple[str, type[enum.Enum]], ...], **ids: Any) -> None:
+    """Messages built in code (not decoded) keep plain strings in msgspec: turn them into the enums."""
+    for name, enum_type in fields:
+        value = getattr(msg, name)
+        if not isinstance(value, enum_type):
+            try:
+                setattr(msg, name, enum_type(value))
+            except ValueError:
+                raise OrderRejected(name, f"{value!r} is not one of {', '.join(m.value for m in enum_type)}",
+                                    **ids) from None
+
+
 class Order(Message, tag="qa.order", forbid_unknown_fields=True):
     """A new order. ``account`` is the target: an account, or a group name the router expands.
 
@@ -153,16 +165,8 @@ class Order(Message, tag="qa.order", forbid_unknown_fields=True):
 
     def __post_init__(self) -> None:
         ids = {"order_id": self.order_id, "account": self.account}
-        # Built in code (not decoded), msgspec keeps plain strings: make them the enums here.
-        for name, enum_type in (("exchange", Exchange), ("direction", Direction), ("offset", Offset),
-                                ("price_type", PriceType)):
-            value = getattr(self, name)
-            if not isinstance(value, enum_type):
-                try:
-                    setattr(self, name, enum_type(value))
-                except ValueError:
-                    raise OrderRejected(name, f"{value!r} is not one of {', '.join(m.value for m in enum_type)}",
-                                        **ids) from None
+        _coerce_enums(self, (("exchange", Exchange), ("direction", Direction), ("offset", Offset),
+                             ("price_type", PriceType)), **ids)
         if self.price_type is PriceType.MARKET:
             if self.price is not None:
                 _finite_positive("price", self.price, **ids)
@@ -241,14 +245,8 @@ class Trade(Message, tag="qa.trade", forbid_unknown_fields=True):
     commission: float | None = None
 
     def __post_init__(self) -> None:
-        for name, enum_type in (("exchange", Exchange), ("direction", Direction), ("offset", Offset)):
-            value = getattr(self, name)
-            if not isinstance(value, enum_type):
-                try:
-                    setattr(self, name, enum_type(value))
-                except ValueError:
-                    raise OrderRejected(name, f"{value!r} is not valid", order_id=self.order_id,
-                                        account=self.account) from None
+        _coerce_enums(self, (("exchange", Exchange), ("direction", Direction), ("offset", Offset)),
+                      order_id=self.order_id, account=self.account)
         _finite_positive("price", self.price, order_id=self.order_id, account=self.account)
         if self.commission is not None and (not math.isfinite(self.commission) or self.commission < 0):
             raise OrderRejected("commission", "must be finite and >= 0", order_id=self.order_id, account=self.account)

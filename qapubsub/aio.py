@@ -37,7 +37,6 @@ import asyncio
 import contextlib
 import datetime as _dt
 import logging
-import random
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -62,20 +61,7 @@ __all__ = [
 ]
 
 
-class TransportError(RuntimeError):
-    """Base of this module's errors."""
-
-
-class NotConnected(TransportError):
-    """No broker reachable within the time asked for."""
-
-
-class PublishError(TransportError):
-    """A publish was not confirmed by the broker after the allowed attempts."""
-
-
-class Unroutable(PublishError):
-    """The broker returned a ``mandatory`` publish: no queue is bound for its routing key."""
+from .errors import Backoff, NotConnected, PublishError, TransportError, Unroutable  # noqa: E402
 
 
 # Errors after which a publish may be retried on a fresh channel / connection.
@@ -83,24 +69,6 @@ _RETRYABLE = (
     aiormq.exceptions.AMQPConnectionError, aiormq.exceptions.ChannelInvalidStateError,
     aiormq.exceptions.ChannelClosed, ConnectionError, asyncio.TimeoutError, RuntimeError,
 )
-
-
-@dataclass(frozen=True)
-class Backoff:
-    """Exponential backoff with jitter (kombu's interval_start / step / max).
-
-    ``delay(n) = min(max, start * factor**n)``, then reduced by up to ``jitter`` (a
-    fraction) at random so that many clients do not reconnect in lock step.
-    """
-
-    start: float = 0.1
-    factor: float = 2.0
-    max: float = 10.0
-    jitter: float = 0.5
-
-    def delay(self, attempt: int) -> float:
-        d = min(self.max, self.start * self.factor ** max(0, attempt))
-        return d * (1.0 - self.jitter * random.random())
 
 
 def _props(props: Mapping[str, Any]) -> spec.Basic.Properties:
@@ -461,7 +429,7 @@ class CommandPublisher(_ChannelMember):
             except aiormq.exceptions.PublishError as exc:  # returned: mandatory and no queue bound
                 frame = getattr(exc, "frame", None)
                 why = f"{getattr(frame, 'reply_code', 312)} {getattr(frame, 'reply_text', 'NO_ROUTE')}"
-                raise Unroutable(f"exchange {exchange!r} has no queue for routing key {routing_key!r} ({why})") from None
+                raise Unroutable(exchange, routing_key, detail=str(why)) from None
             except aiormq.exceptions.DeliveryError as exc:  # nack
                 last = exc
                 log.warning("publish nacked (attempt %d/%d)", attempt, self.attempts, extra=extra)
@@ -546,7 +514,7 @@ class MarketDataPublisher(CommandPublisher):
                     self.published += 1
                     continue
                 if isinstance(exc, aiormq.exceptions.PublishError):
-                    raise Unroutable(f"exchange {self.exchange!r} has no queue for routing key {key!r}")
+                    raise Unroutable(self.exchange, key)
                 failed.append((key, body, p, exc))
             if not failed:
                 return

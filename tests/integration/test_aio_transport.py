@@ -206,7 +206,7 @@ async def test_fails_over_to_the_next_url(amqp_url: str, topology: Topology) -> 
     parts = urllib.parse.urlsplit(amqp_url)
     dead_url = urllib.parse.urlunsplit(parts._replace(netloc=f"{parts.username}:{parts.password}@127.0.0.1:1"))
     from qapubsub.aio import Backoff
-    c = Connection([dead_url, amqp_url], name=f"{topology.namespace}failover", backoff=Backoff(start=0.05, max=0.2))
+    c = Connection([dead_url, amqp_url], name=f"{topology.namespace}failover", backoff=Backoff(interval_start=0.05, interval_max=0.2))
     try:
         await c.start(timeout=10)
         assert c.url_index % 2 == 1
