@@ -9,6 +9,8 @@ from qapubsub.topology import Topology
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--namespace", default=None, help="name prefix (tests); default QA_NAMESPACE or none")
+    parser.add_argument("--tick-shards", type=int, default=None,
+                        help="tick shard queues to declare (default QA_TICK_SHARDS or 1)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -22,11 +24,15 @@ def run(args: argparse.Namespace) -> int:
         conn = pika.BlockingConnection(pika.URLParameters(settings.amqp_url))
     except Exception as exc:  # noqa: BLE001
         raise CannotConnect(f"RabbitMQ at {settings.amqp_url and __import__('qapubsub').redact_url(settings.amqp_url)}: {exc}") from None
+    import os
+
+    shards = args.tick_shards if args.tick_shards is not None else int(os.environ.get("QA_TICK_SHARDS", "1") or 1)
+    queues = [*topo.platform_queues, *(topo.tick_queue(i) for i in range(1, shards))]
     try:
-        topo.declare_sync(conn.channel())
+        topo.declare_sync(conn.channel(), queues=queues)
     finally:
         conn.close()
-    print(f"declared {len(topo.exchanges)} exchanges and {len(topo.platform_queues)} queues")
+    print(f"declared {len(topo.exchanges)} exchanges and {len(queues)} queues ({shards} tick shard(s))")
     return 0
 
 

@@ -233,6 +233,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--clock", choices=("feed", "wall"), default="feed",
                         help="timer clock for closing bars without a later tick (default: the feed's time)")
     parser.add_argument("--no-session-check", action="store_true", help="keep ticks outside trading sessions")
+    parser.add_argument("--shard", type=int, default=0,
+                        help="which tick shard this instance consumes (default 0); a second instance of the same "
+                             "shard stands by and takes over when the first stops")
+    parser.add_argument("--shards", type=int, default=None,
+                        help="how many shards the ticks are spread over (default QA_TICK_SHARDS or 1); every "
+                             "instance declares all of them so no shard's ticks are lost while it is down")
 
 
 def build(settings: Settings, args: argparse.Namespace) -> tuple[Any, TickPipeline]:
@@ -253,7 +259,14 @@ def build(settings: Settings, args: argparse.Namespace) -> tuple[Any, TickPipeli
     pipeline = TickPipeline(TickStore(db), BarStore(db), make_bar_publisher(conn, topo), freqs=freqs,
                             realtime=[f.strip() for f in args.realtime.split(",") if f.strip()],
                             clock=FeedClock(args.clock), check_sessions=not args.no_session_check)
-    consumer = BatchConsumer(conn, topo.tickhandler, pipeline.handle, message_type=Tick | TickBatch,
+    import os
+
+    shards = args.shards if args.shards is not None else int(os.environ.get("QA_TICK_SHARDS", "1") or 1)
+    if shards < 1 or not 0 <= args.shard < shards:
+        from qapubsub.settings import ConfigError
+        raise ConfigError(f"--shard {args.shard} is not one of the {shards} shard(s) (--shards / QA_TICK_SHARDS)")
+    topo.declare_sync(conn.channel(), queues=[topo.tick_queue(i) for i in range(shards)])
+    consumer = BatchConsumer(conn, topo.tick_queue(args.shard), pipeline.handle, message_type=Tick | TickBatch,
                              topology=topo, batch_size=args.batch_size, batch_wait=args.batch_wait,
                              prefetch=args.prefetch, on_idle=pipeline.on_timer, idle_interval=0.1)
     return consumer, pipeline

@@ -80,6 +80,11 @@ def explain_precondition(reply_text: str) -> str:
     )
 
 
+def missing_plugin(reply_text: str) -> str:
+    return (f"RabbitMQ does not know an exchange type QAFlow declares ({reply_text}). The tick shards need "
+            "the consistent-hash exchange: rabbitmq-plugins enable rabbitmq_consistent_hash_exchange")
+
+
 class Topology:
     """All names and declarations of one QAFlow installation (one namespace)."""
 
@@ -87,8 +92,10 @@ class Topology:
         self.namespace = namespace
         n = self.name
         self.tick = n("qa.tick")
+        self.tick_shards = n("qa.tick.shards")
         self.rtbar = n("qa.rtbar")
         self.bar = n("qa.bar")
+        self.ibar = n("qa.ibar")
         self.order = n("qaorder")
         self.qapubsub_order = n("QAORDER_ROUTER")
         self.risk = n("qarisk")
@@ -101,8 +108,11 @@ class Topology:
             Exchange(self.dlx, "fanout", doc="dead letters: malformed or failed messages, with x-qa-error"),
             Exchange(self.unroutable, "fanout", doc="alternate exchange of qaorder and qarisk"),
             Exchange(self.tick, "topic", doc="raw ticks, key `<EXCHANGE>.<symbol>`"),
+            Exchange(self.tick_shards, "x-consistent-hash",
+                     doc="ticks from qa.tick, spread over the tickhandler shards by hash of the key (one instrument, one shard)"),
             Exchange(self.rtbar, "topic", doc="realtime (unfinished) bars, key `<freq>.<EXCHANGE>.<symbol>`"),
             Exchange(self.bar, "topic", doc="closed bars, key `<freq>.<EXCHANGE>.<symbol>`"),
+            Exchange(self.ibar, "topic", doc="closed bars merged by the barhandler, with indicators, key `<freq>.<EXCHANGE>.<symbol>`"),
             Exchange(self.order, "topic", arguments=ae, doc="orders and cancels from anyone, key = account or group"),
             # QAPUBSUB declares it direct and non-durable; any other declaration breaks its clients.
             Exchange(self.qapubsub_order, "direct", durable=False,
@@ -111,18 +121,22 @@ class Topology:
             Exchange(self.exec, "topic", doc="child orders to executors, key = account"),
             Exchange(self.report, "topic", doc="order status, trades, snapshots, key `<account>.<kind>`"),
         )
+        # (destination, source, key): exchange-to-exchange bindings
+        self.exchange_bindings: tuple[tuple[str, str, str], ...] = ((self.tick_shards, self.tick, keys.ALL),)
         # Queues that must exist even while their consumer is down, so nothing is lost.
         self.dead_letters = Queue(n("qa.dead"), arguments={"x-queue-mode": "lazy"},
                                   bindings=(Binding(self.dlx, ""),))
         self.unroutable_queue = Queue(n("qa.unroutable"), bindings=(Binding(self.unroutable, ""),))
         self.router_orders = self.command_queue(n("qa.router.orders"), Binding(self.order, keys.ALL))
         self.router_risk = self.command_queue(n("qa.router.risk"), Binding(self.risk, keys.ALL))
-        self.tickhandler = self.durable_queue(n("qa.tickhandler"), Binding(self.tick, keys.ALL))
+        self.tickhandler = self.tick_queue(0)
         self.account_reports = self.command_queue(n("qa.account.reports"), Binding(self.report, keys.reports_of("*", "order")),
                                                   Binding(self.report, keys.reports_of("*", "trade")))
+        # RPC requests (default exchange): expire with the client's timeout, never dead-lettered.
+        self.history_requests = Queue(n("qa.barhandler.history"))
         self.platform_queues: tuple[Queue, ...] = (
             self.dead_letters, self.unroutable_queue, self.router_orders, self.router_risk,
-            self.tickhandler, self.account_reports,
+            self.tickhandler, self.account_reports, self.history_requests,
         )
 
     # names ---------------------------------------------------------------------------
@@ -150,6 +164,15 @@ class Topology:
         return Queue(name, durable=False, exclusive=True, auto_delete=True,
                      arguments={"x-max-length": max_length, "x-overflow": "drop-head"}, bindings=tuple(bindings))
 
+    def tick_queue(self, shard: int) -> Queue:
+        """Tickhandler shard ``shard``: durable, one active consumer at a time (others stand by), bound
+        to the consistent-hash exchange with weight 1, so every instrument stays on one shard, in order."""
+        if shard < 0:
+            raise ValueError("shard must be >= 0")
+        q = self.durable_queue(self.name(f"qa.tickhandler.{shard}"), Binding(self.tick_shards, "1"))
+        q.arguments["x-single-active-consumer"] = True
+        return q
+
     def exec_queue(self, account: str) -> Queue:
         return self.command_queue(self.name(f"qa.exec.{keys.exec_key(account)}"), Binding(self.exec, keys.exec_key(account)))
 
@@ -161,17 +184,26 @@ class Topology:
         try:
             for ex in self.exchanges:
                 channel.exchange_declare(ex.name, ex.type, durable=ex.durable, arguments=ex.arguments or None)
+            for dest, source, key in self.exchange_bindings:
+                channel.exchange_bind(dest, source, routing_key=key)
             for q in self.platform_queues if queues is None else queues:
                 declare_queue_sync(channel, q)
         except pika.exceptions.ChannelClosedByBroker as exc:
             if exc.reply_code == 406:
                 raise TopologyMismatch(explain_precondition(exc.reply_text)) from None
             raise
+        except pika.exceptions.ConnectionClosedByBroker as exc:
+            if "invalid exchange type" in str(exc.reply_text):
+                raise TopologyMismatch(missing_plugin(exc.reply_text)) from None
+            raise
 
     async def declare_async(self, channel: Any, queues: Iterable[Queue] | None = None) -> None:
         """Declare every exchange (and the platform queues, or ``queues``) on an aio-pika channel."""
+        declared = {}
         for ex in self.exchanges:
-            await declare_exchange_async(channel, ex)
+            declared[ex.name] = await declare_exchange_async(channel, ex)
+        for dest, source, key in self.exchange_bindings:
+            await declared[dest].bind(declared[source], routing_key=key)
         for q in self.platform_queues if queues is None else queues:
             await declare_queue_async(channel, q)
 

@@ -123,7 +123,7 @@ def test_kill_9_mid_stream_loses_nothing_and_stores_nothing_twice(amqp_url, topo
     with daemons.running("handlers.tickhandler", env=env, log=log) as proc2:
         wait_for(lambda: sum(len(v) for v in _stored(mongo_db).values()) >= total, timeout=60,
                  what="all clean ticks stored after the restart")
-        wait_for(lambda: amqp_channel.queue_declare(f"{topology.namespace}qa.tickhandler",
+        wait_for(lambda: amqp_channel.queue_declare(topology.tickhandler.name,
                                                     passive=True).method.message_count == 0, timeout=30)
         assert daemons.stop(proc2) == 0
     assert _stored(mongo_db) == expected  # each tick exactly once, in order
@@ -161,3 +161,46 @@ def test_malformed_tick_is_dead_lettered_and_the_daemon_goes_on(amqp_url, topolo
         assert daemons.stop(proc) == 0
     text = " | ".join(reasons)
     assert "exchange" in text or "missing required field" in text
+
+
+def test_two_shards_split_instruments_and_a_standby_takes_over(amqp_url, topology, env, mongo_db, amqp_channel,
+                                                               tmp_path: Path) -> None:
+    """Ticks spread over 2 shards by instrument (each instrument whole on one shard); a second instance of
+    shard 0 stands by (single active consumer) and takes over when the first stops."""
+    ticks = _ticks(4000, seed=9)
+    expected = _expected_after_cleaning(ticks)
+    total = sum(len(v) for v in expected.values())
+    logs = {name: tmp_path / f"{name}.log" for name in ("s0", "s0b", "s1")}
+    s0 = daemons.start("handlers.tickhandler", "--shards", "2", "--shard", "0", env=env, log=logs["s0"])
+    s1 = daemons.start("handlers.tickhandler", "--shards", "2", "--shard", "1", env=env, log=logs["s1"])
+    s0b = daemons.start("handlers.tickhandler", "--shards", "2", "--shard", "0", env=env, log=logs["s0b"])
+    try:
+        q0, q1 = topology.tick_queue(0).name, topology.tick_queue(1).name
+        wait_for(lambda: all(amqp_channel.queue_declare(q, passive=True).method.consumer_count >= 1
+                             for q in (q0, q1)), timeout=20, what="both shards consumed")
+        half = len(ticks) // 2
+        _publish(amqp_url, topology, ticks[:half])
+        wait_for(lambda: all(amqp_channel.queue_declare(q, passive=True).method.message_count == 0
+                             for q in (q0, q1)), timeout=30, what="first half consumed")
+        assert daemons.stop(s0) == 0  # the standby of shard 0 takes over
+        _publish(amqp_url, topology, ticks[half:])
+        wait_for(lambda: sum(len(v) for v in _stored(mongo_db).values()) >= total, timeout=60,
+                 what="every clean tick stored")
+        assert _stored(mongo_db) == expected
+    finally:
+        codes = [daemons.stop(p) for p in (s0b, s1)]
+        for p in (s0, s0b, s1):
+            if p.poll() is None:
+                p.kill()
+    assert codes == [0, 0]
+    received = {name: _received(logs[name]) for name in logs}
+    assert received["s1"] > 0 and received["s0"] > 0 and received["s0b"] > 0, received  # both shards, and the standby
+    assert sum(received.values()) == len(ticks), received  # nothing consumed twice
+
+
+def _received(log: Path) -> int:
+    import re
+
+    m = re.findall(r"tickhandler stopped: .*'received': (\d+)", log.read_text())
+    assert m, f"no summary line in {log}"
+    return int(m[-1])
