@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "up": ("handlers.stack", "start the platform's daemons in the background (logs in .qaflow/logs)"),
     "down": ("handlers.down", "stop the daemons `qaflow up` started"),
     "tickhandler": ("handlers.tickhandler", "daemon: clean, persist and aggregate ticks into bars"),
+    "barhandler": ("handlers.barhandler", "daemon: history + live bars merged, indicators, history requests"),
     "router": ("handlers.router", "daemon: order router (groups, copy-trade, risk, force-close) to qa.exec"),
     "broker": ("handlers.broker", "executors: sim (paper trading); ctp and qmt"),
     "account": ("handlers.account", "daemon: QIFI accounts from reports; open, instrument, settle, show"),
