@@ -27,6 +27,7 @@ BENCHMARKS: list[tuple[str, str, str]] = [
     ("aggregation", "benchmarks.bench_aggregation", "run"),
     ("store", "benchmarks.bench_store", "run"),
     ("risk", "benchmarks.bench_risk", "run"),
+    ("orders", "benchmarks.bench_orders", "run"),
 ]
 
 
