@@ -90,7 +90,7 @@ class HistorySource:
     def load(self, ex: str, sym: str, freq: str, *, count: int | None = None, start: int | None = None,
              end: int | None = None) -> tuple[list[Bar], dict[str, int]]:
         """Merged bars (ours first), the newest ``count`` of ``[start, end]``; and how many came from where."""
-        ours = [_plain(b) for b in self.bars.bars(ex, sym, freq, start, end, count)]
+        ours = self.bars.bars(ex, sym, freq, start, end, count)
         theirs = self._quantaxis(ex, sym, freq, count, start, end, ours)
         merged = merge_sources(ours, theirs)
         if count is not None:
@@ -268,13 +268,6 @@ class BarService:
             for s in self.series.values():
                 total.update(s.stats)
         return dict(total)
-
-
-def _plain(b: Bar) -> Bar:
-    """A bar read from MongoDB with plain ``int`` fields (the driver may hand back ``bson.Int64``)."""
-    if type(b.datetime) is int and type(b.tick_count) is int:
-        return b
-    return msgspec.structs.replace(b, datetime=int(b.datetime), tick_count=int(b.tick_count))
 
 
 def _warmup(specs: Sequence[IndicatorSpec]) -> int:

@@ -234,3 +234,18 @@ def test_quantaxis_collections_read_as_bars(mongo_db) -> None:
     assert [(b.freq, b.trading_day, b.volume, b.open_interest) for b in days] == [("1day", "20250304", 20.0, 10.0)]
     sd = fetch_day_bars(mongo_db, "000001", market="stock")
     assert [(b.exchange, b.trading_day, b.volume, b.turnover) for b in sd] == [("SZSE", "20250304", 7.0, 8.0)]
+
+
+def test_bars_read_back_encode_to_json(mongo_db) -> None:
+    """Bars read from the store re-encode (no bson.Int64 left in int fields)."""
+    from qamarket.models import Bar
+    from qamarket.store import BarStore
+    from qapubsub.messages import decode, encode
+
+    store = BarStore(mongo_db)
+    b = Bar(symbol="rb2605", exchange="SHFE", freq="1min", datetime=1_741_000_000_000, trading_day="20250304",
+            open=1.0, high=2.0, low=0.5, close=1.5, volume=10.0, tick_count=3)
+    store.write([b])
+    back = store.last_bar("SHFE", "rb2605", "1min")
+    assert type(back.datetime) is int and type(back.tick_count) is int
+    assert decode(encode(back), Bar).datetime == b.datetime
