@@ -327,6 +327,48 @@ class TickStore:
             raise StoreError(f"{len(pending)} chunk(s) still conflicting after re-checks: {[d['_id'] for _, d, _ in pending][:5]}")
         return res
 
+    def write_late(self, ticks: Iterable[Tick]) -> WriteResult:
+        """Persist *redelivered* ticks at or below the watermark that are not stored yet.
+
+        When a consumer of a shard stops or dies, RabbitMQ requeues what it had received but
+        not acknowledged, and the next consumer may already have stored newer ticks of the same
+        instruments: those requeued ticks arrive late. :meth:`write` would skip them as replays;
+        this looks each one up in the chunks covering its time and stores the missing ones in
+        chunks of their own (reads merge overlapping chunks back into order). Slower than
+        :meth:`write`: use it only for redeliveries.
+        """
+        res = WriteResult()
+        pending: list[tuple[tuple[str, str], dict[str, Any], list[Tick]]] = []
+        for (ex, sym), lst in group_by_instrument(ticks).items():
+            lo, hi = min(t.datetime for t in lst), max(t.datetime for t in lst)
+            have = {tick_key(t) for doc in self.chunks(ex, sym, lo, hi) for t in decode_chunk(doc)}
+            missing: dict[TickKey, Tick] = {}
+            for t in lst:
+                k = tick_key(t)
+                if k not in have:
+                    missing.setdefault(k, t)
+            res.skipped += len(lst) - len(missing)
+            todo = [missing[k] for k in sorted(missing)]
+            for ch in split_chunks(todo, self.max_chunk_ticks, self.max_span_ms):
+                pending.append(((ex, sym), encode_chunk(ch), ch))
+        if pending:
+            try:
+                self.coll.insert_many([d for _, d, _ in pending], ordered=False)
+                failed: set[int] = set()
+            except BulkWriteError as exc:
+                errors = exc.details.get("writeErrors", [])
+                if any(e.get("code") != 11000 for e in errors) or exc.details.get("writeConcernErrors"):
+                    raise StoreError(f"late ticks not written: {errors[:1]}") from exc
+                failed = {e["index"] for e in errors}  # 11000: a concurrent redelivery stored the same chunk
+            for i, (_inst, _doc, ch) in enumerate(pending):
+                if i in failed:
+                    res.already_stored += 1
+                    continue
+                res.stored += len(ch)
+                res.chunks += 1
+                res.new.extend(ch)
+        return res
+
     def _insert(self, pending: list[tuple[tuple[str, str], dict[str, Any], list[Tick]]],
                 res: WriteResult) -> list[tuple[tuple[str, str], dict[str, Any], list[Tick]]]:
         failed: dict[int, dict[str, Any]] = {}
@@ -411,6 +453,9 @@ class TickStore:
                 out.extend(ts)
             else:
                 out.extend(t for t in ts if (s is None or t.datetime >= s) and (e is None or t.datetime <= e))
+        # Chunks of late ticks (write_late) overlap others: merge back into key order (nearly sorted: cheap).
+        if any(tick_key(a) > tick_key(b) for a, b in zip(out, out[1:])):
+            out.sort(key=tick_key)
         return out
 
     def iter_ticks(self, exchange: str, symbol: str, start: int | Any = None, end: int | Any = None) -> Iterator[Tick]:

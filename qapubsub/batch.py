@@ -22,7 +22,6 @@ deliveries (the tickhandler closes bars by timer there).
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -34,7 +33,7 @@ from pika.adapters.blocking_connection import BlockingChannel
 from . import handling
 from .handling import Outcome, Transient
 from .messages import DecodeError, decode
-from .sync import Backoff, Connection, Consumer, Delivery
+from .sync import Backoff, Connection, Consumer, Delivery, _log_extra, delivery_key
 from .topology import Queue
 
 log = logging.getLogger(__name__)
@@ -107,12 +106,8 @@ class BatchConsumer(Consumer):
         if len(self._batch) >= self.batch_size:
             self._flush_batch()
 
-    def _extra(self, d: Delivery) -> dict[str, Any]:
-        return {"queue": self.queue_name, "routing_key": d.routing_key, "message_id": d.message_id}
-
-    @staticmethod
-    def _key(d: Delivery) -> str:
-        return d.message_id or "sha1:" + hashlib.sha1(d.body).hexdigest()  # noqa: S324 - an id
+    _extra = staticmethod(_log_extra)
+    _key = staticmethod(delivery_key)
 
     def _flush_batch(self) -> None:
         batch, self._batch = self._batch, []
@@ -139,7 +134,8 @@ class BatchConsumer(Consumer):
             if reason is not None:
                 self._dead_letter(d, reason, 1, self._extra(d))
             else:
-                self.tracker.succeeded(self._key(d))
+                if self.tracker.pending:
+                    self.tracker.succeeded(self._key(d))
                 self._ack(d.delivery_tag)
         self._flush_acks()
         self.counts["batches"] += 1

@@ -104,6 +104,11 @@ class AttemptTracker:
                 self._failures.popitem(last=False)
         return Outcome.REQUEUE, n
 
+    @property
+    def pending(self) -> bool:
+        """Whether any message has failed and not yet succeeded or been given up."""
+        return bool(self._failures)
+
     def succeeded(self, message_id: str | None) -> None:
         if message_id:
             self._failures.pop(message_id, None)

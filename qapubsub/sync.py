@@ -71,8 +71,15 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
 from .errors import Backoff, FatalError, Interrupted, PublishError, TransportError, Unroutable  # noqa: E402
 
 
+def _home_node_down(exc: BaseException) -> bool:
+    """A classic durable queue whose cluster node is down (404 'home node ... is down'): it comes back with it."""
+    return isinstance(exc, pex.ChannelClosedByBroker) and exc.reply_code == 404 and "home node" in str(exc.reply_text)
+
+
 def _fatal_channel_error(exc: pex.ChannelClosedByBroker, what: str) -> Exception | None:
     """Map a channel error that no retry can fix to a clear exception, else None."""
+    if _home_node_down(exc):
+        return None  # a cluster node is down: retry (with back-off) until it is back
     if exc.reply_code == 406:
         return TopologyMismatch(explain_precondition(exc.reply_text))
     if exc.reply_code == 403:
@@ -605,6 +612,15 @@ class Delivery:
 Handler = Callable[[Any, Delivery], Any]
 
 
+def delivery_key(d: Delivery) -> str:
+    """What retries are counted by: the message id, else a hash of the body."""
+    return d.properties.message_id or "sha1:" + hashlib.sha1(d.body).hexdigest()  # noqa: S324 - an id, not security
+
+
+def _log_extra(d: Delivery) -> dict[str, Any]:
+    return {"queue": d.queue, "routing_key": d.routing_key, "message_id": d.properties.message_id}
+
+
 class Consumer:
     """Consume one queue with manual acks, retries and dead-lettering; survive reconnects.
 
@@ -789,7 +805,17 @@ class Consumer:
         self._ch = None
         try:
             if self.topology is not None:
-                self.topology.declare_sync(ch, queues=(self.topology.dead_letters,))
+                self.topology.declare_sync(ch, queues=())
+                try:
+                    declare_queue_sync(ch, self.topology.dead_letters)
+                except pex.ChannelClosedByBroker as exc:
+                    # On a cluster the (classic) dead-letter queue lives on one node; while that node is
+                    # down, consuming goes on (dead letters wait for it; see docs/scaling.md).
+                    if not _home_node_down(exc):
+                        raise
+                    log.warning("dead-letter queue unavailable, consuming without it: %s", exc.reply_text,
+                                extra={"queue": self.queue_name})
+                    ch = conn.channel()
             for ex in self.exchanges:
                 ch.exchange_declare(ex.name, ex.type, durable=ex.durable, arguments=ex.arguments or None)
             if self.queue is not None:
@@ -834,9 +860,10 @@ class Consumer:
             return
         try:
             self._flush_acks()
-            if self._tag is not None:
-                ch.basic_cancel(self._tag)  # undispatched prefetched messages are rejected with requeue
-            self._flush_acks()
+            # Close without basic.cancel first: a cancel would let a standby consumer (single active
+            # consumer) start on newer messages before the broker requeues the ones we had prefetched,
+            # and they would then reach it out of order. Closing the channel requeues them and hands
+            # the queue over in one step.
             ch.close()
         except Exception as exc:  # noqa: BLE001 - the broker redelivers anything not acked
             log.warning("error while closing the consumer: %s", exc, extra={"queue": self.queue_name})
@@ -872,17 +899,17 @@ class Consumer:
             return
         delivery = Delivery(method.exchange, method.routing_key, bool(method.redelivered), method.delivery_tag,
                             props, body, self.queue_name)
-        key = props.message_id or "sha1:" + hashlib.sha1(body).hexdigest()  # noqa: S324 - an id, not security
-        extra = {"queue": self.queue_name, "routing_key": method.routing_key, "message_id": props.message_id}
         try:
             payload = decode(body, self.message_type) if self.message_type is not None else body
             self.handler(payload, delivery)
         except (DecodeError, Reject) as exc:
-            self._dead_letter(delivery, handling.reason_of(exc) if isinstance(exc, Reject) else str(exc), 1, extra)
+            reason = handling.reason_of(exc) if isinstance(exc, Reject) else str(exc)
+            self._dead_letter(delivery, reason, 1, _log_extra(delivery))
             return
         except Exception as exc:  # noqa: BLE001 - the handler's failure is an outcome, not a crash
+            extra = _log_extra(delivery)
             count = (props.headers or {}).get("x-delivery-count")
-            outcome, attempts = self.tracker.failed(key, int(count) if isinstance(count, int) else None)
+            outcome, attempts = self.tracker.failed(delivery_key(delivery), int(count) if isinstance(count, int) else None)
             reason = handling.reason_of(exc)
             if outcome is Outcome.DEAD_LETTER:
                 log.error("handler failed %d times, dead-lettering: %s", attempts, reason, extra=extra)
@@ -894,7 +921,8 @@ class Consumer:
                 ch.basic_nack(delivery_tag=method.delivery_tag, requeue=True)
                 self.counts["requeued"] += 1
             return
-        self.tracker.succeeded(key)
+        if self.tracker.pending:  # the hot path skips the id computation when nothing ever failed
+            self.tracker.succeeded(delivery_key(delivery))
         self._ack(method.delivery_tag)
 
     def _dead_letter(self, d: Delivery, reason: str, attempts: int, extra: dict[str, Any]) -> None:

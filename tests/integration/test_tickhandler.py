@@ -171,13 +171,15 @@ def test_two_shards_split_instruments_and_a_standby_takes_over(amqp_url, topolog
     expected = _expected_after_cleaning(ticks)
     total = sum(len(v) for v in expected.values())
     logs = {name: tmp_path / f"{name}.log" for name in ("s0", "s0b", "s1")}
+    q0, q1 = topology.tick_queue(0).name, topology.tick_queue(1).name
+    consumers = lambda q: amqp_channel.queue_declare(q, passive=True).method.consumer_count  # noqa: E731
     s0 = daemons.start("handlers.tickhandler", "--shards", "2", "--shard", "0", env=env, log=logs["s0"])
-    s1 = daemons.start("handlers.tickhandler", "--shards", "2", "--shard", "1", env=env, log=logs["s1"])
-    s0b = daemons.start("handlers.tickhandler", "--shards", "2", "--shard", "0", env=env, log=logs["s0b"])
+    s0b = s1 = s0
     try:
-        q0, q1 = topology.tick_queue(0).name, topology.tick_queue(1).name
-        wait_for(lambda: all(amqp_channel.queue_declare(q, passive=True).method.consumer_count >= 1
-                             for q in (q0, q1)), timeout=20, what="both shards consumed")
+        wait_for(lambda: consumers(q0) == 1, timeout=20, what="shard 0's first instance consuming (the active one)")
+        s0b = daemons.start("handlers.tickhandler", "--shards", "2", "--shard", "0", env=env, log=logs["s0b"])
+        s1 = daemons.start("handlers.tickhandler", "--shards", "2", "--shard", "1", env=env, log=logs["s1"])
+        wait_for(lambda: consumers(q0) == 2 and consumers(q1) == 1, timeout=20, what="standby and shard 1 up")
         half = len(ticks) // 2
         _publish(amqp_url, topology, ticks[:half])
         wait_for(lambda: all(amqp_channel.queue_declare(q, passive=True).method.message_count == 0
