@@ -28,6 +28,12 @@ A position without a usable quote is skipped and audited, never priced by guess.
 
 Instruments (lot size, price tick): :func:`qamarket.models.spec_for`, the registry.
 
+Pre-trade rules: ``qaflow router`` passes a :class:`handlers.risk.RiskGate` as ``risk_check``
+(``--no-risk-rules`` to skip): it checks each child first (rejections name the rule,
+``risk.<rule>.<check>``), is told of dispatched children, force-closes and releases, and
+consumes executor reports and ticks on its own bounded queue of this connection (see
+``docs/risk.md``).
+
 Order status updates from ``qa.report`` are left to the account daemon: ``child_orders``
 keeps SUBMITTING / PENDING_CANCEL / REJECTED as set by the router.
 """
@@ -120,6 +126,8 @@ class Router:
         self.store = OrderStore(db)
         self.db = db
         self.risk_check = risk_check
+        # a RiskGate (handlers.risk) also wants dispatched orders, reports and force-closes
+        self.risk_gate: Any = risk_check if hasattr(risk_check, "on_order_accepted") else None
         self.connection = connection or Connection(settings, client_name="qaflow-router")
         self.exec_pub = Publisher(self.connection, topology=topology)          # confirms + mandatory
         self.report_pub = Publisher(self.connection, topology=topology, mandatory=False)
@@ -184,6 +192,8 @@ class Router:
             self.poll_risk()
         if now - self._last_bindings >= self.bindings_interval:
             self.refresh_bindings()
+        if self.risk_gate is not None:
+            self.risk_gate.periodic()
 
     # reports ----------------------------------------------------------------------------
     def report_reject(self, account: str | None, field_: str, reason: str, *, order_id: str | None = None,
@@ -224,11 +234,17 @@ class Router:
                 "order": msgspec.to_builtins(o), "updated_ns": time.time_ns()}
 
     def _check_child(self, child: Order, parent: Order, dialect: str) -> tuple[str, str] | None:
+        if self.risk_gate is not None:   # the pre-trade rules first: their rejections name the rule
+            ctx = RiskContext(parent=parent, dialect=dialect, reduce_only=child.account in self.reduce_only,
+                              store=self.store)
+            why = _rejection(self.risk_check(child, ctx), child)  # type: ignore[misc]
+            if why is not None:
+                return why
         if child.account in self.reduce_only and child.offset is Offset.OPEN:
             st = self.store.account_state.find_one({"_id": child.account}) or {}
             return "offset", (f"account {child.account} is reduce-only after force-close {st.get('command_id', '?')}: "
                               f"opening orders are refused until a release")
-        if self.risk_check is not None:
+        if self.risk_check is not None and self.risk_gate is None:
             ctx = RiskContext(parent=parent, dialect=dialect, reduce_only=child.account in self.reduce_only,
                               store=self.store)
             return _rejection(self.risk_check(child, ctx), child)
@@ -265,6 +281,9 @@ class Router:
         if not fresh:
             self._resume("orders", rec)
             return
+        if self.risk_gate is not None:
+            for c in accepted:
+                self.risk_gate.on_order_accepted(c)
         self.store.save_children([self._child_doc(c) for c in accepted] +
                                  [{**self._child_doc(c, OrderStatus.REJECTED.value), "reason": r}
                                   for c, _f, r in rejected])
@@ -304,6 +323,8 @@ class Router:
             if err:
                 if c.get("kind", "order") == "order":
                     self.store.set_child_status(c["order_id"], OrderStatus.REJECTED.value, err)
+                    if self.risk_gate is not None:
+                        self.risk_gate.on_order_failed(c["order_id"])
                 self.store.audit([{"action": "reject", "parent_id": rec["_id"], "account": c["account"],
                                    "child_id": c["order_id"], "detail": err}])
                 self.report_reject(c["account"], "account", err, order_id=c["order_id"], routing_key=c["routing_key"])
@@ -343,6 +364,8 @@ class Router:
         """Handle what waits on the risk queue (basic_get); returns how many were handled."""
         self._last_risk = time.monotonic()
         ch = self._risk_channel()
+        if self.risk_gate is not None:
+            self.risk_gate.attach(self.connection)   # its bounded report/tick queue on this connection
         n = 0
         while n < limit:
             method, props, body = ch.basic_get(self.topo.router_risk.name, auto_ack=False)
@@ -403,6 +426,8 @@ class Router:
         self.store.set_reduce_only(cmd.account, False, command_id=cmd.command_id, reason=cmd.reason,
                                    operator=cmd.operator)
         self.reduce_only.discard(cmd.account)
+        if self.risk_gate is not None:
+            self.risk_gate.release(cmd.account)
         self.store.audit([{"action": "release", "parent_id": cmd.command_id, "account": cmd.account,
                            "detail": f"released by {cmd.operator}: {cmd.reason}"}])
         self.store.plan_processed({"_id": key, "kind": "release", "state": "done", "children": []})
@@ -417,6 +442,8 @@ class Router:
             self.store.set_reduce_only(cmd.account, True, command_id=cmd.command_id, reason=cmd.reason,
                                        operator=cmd.operator)
             self.reduce_only.add(cmd.account)
+            if self.risk_gate is not None:
+                self.risk_gate.force_close(cmd.account, f"force-close {cmd.command_id}: {cmd.reason}")
             working = [msgspec.convert(d["order"], Order) for d in self.store.working_children(cmd.account)
                        if d.get("order")]
             positions = self.store.positions(cmd.account)
@@ -483,6 +510,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.description = ("Order router: consumes qaorder / QAORDER_ROUTER orders and qarisk commands, "
                           "routes (groups, copy-trade, force-close) and publishes child orders to qa.exec.")
     parser.add_argument("--namespace", default=None, help="name prefix (tests); default QA_NAMESPACE or none")
+    parser.add_argument("--no-risk-rules", action="store_true",
+                        help="skip the pre-trade rules (risk_configs); force-close still applies")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -505,7 +534,12 @@ def run(args: argparse.Namespace) -> int:
     except TransportError as exc:
         raise CannotConnect(str(exc)) from None
     conn.max_retries = None   # once up, reconnect forever
-    router = Router(settings, topo, client[settings.mongo_db], connection=conn)
+    gate = None
+    if not args.no_risk_rules:
+        from handlers.risk import RiskGate
+
+        gate = RiskGate(client[settings.mongo_db], topo)
+    router = Router(settings, topo, client[settings.mongo_db], connection=conn, risk_check=gate)
     log.info("router started", extra={"namespace": topo.namespace})
     try:
         return router.run_until_signal()
