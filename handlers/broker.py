@@ -320,10 +320,25 @@ def _configure_sim(p: argparse.ArgumentParser) -> None:
 EXECUTORS["sim"] = (_configure_sim, run_sim)
 
 
+def _lazy(module: str, attr: str) -> Callable[..., Any]:
+    def call(*a: Any) -> Any:
+        import importlib
+
+        return getattr(importlib.import_module(module), attr)(*a)
+    return call
+
+
+# (the SDKs, vn.py and xtquant, are imported only when the executor starts)
+EXECUTORS["ctp"] = (_lazy("brokers.ctp.td", "configure"), _lazy("brokers.ctp.td", "run"))
+EXECUTORS["qmt"] = (_lazy("brokers.qmt.executor", "configure"), _lazy("brokers.qmt.executor", "run"))
+
+
 def configure(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="broker", metavar="BROKER")
     sub.required = True
-    helps = {"sim": "paper trading: match child orders against live ticks, report fills"}
+    helps = {"sim": "paper trading: match child orders against live ticks, report fills",
+             "ctp": "China futures through vnpy_ctp: one process per CTP account",
+             "qmt": "A-shares through MiniQMT (xtquant, Windows): one process per account"}
     for name, (conf, run_) in EXECUTORS.items():
         p = sub.add_parser(name, help=helps.get(name, name))
         p.set_defaults(_broker_run=run_)
