@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -80,7 +81,15 @@ def run_module(module: str, argv: Sequence[str] | None, prog: str) -> int:
     return dispatch(mod, args)
 
 
+def _exit_before_work(signum: int, _frame: object) -> None:
+    # Until a daemon installs its own handlers (when it starts consuming) nothing is in flight:
+    # a SIGTERM while it connects or declares is a clean exit, not a death by signal.
+    raise SystemExit(EXIT_OK)
+
+
 def dispatch(mod: object, args: argparse.Namespace) -> int:
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _exit_before_work)
     setup_logging(getattr(args, "log_level", None))
     try:
         return int(mod.run(args))  # type: ignore[attr-defined]

@@ -19,8 +19,18 @@ Between batches a timer closes bars whose minute is over although no later tick 
 time plus the wall time since it arrived, so a replay or a simulated feed closes its
 bars on its own time line (``--clock wall`` uses China Standard Time instead).
 
-After a restart the aggregator is rebuilt from the stored ticks of each instrument's
-current trading day; bars already stored are not published again. A crash between
+Before its first batch (after a restart, or when a standby instance of a shard takes
+over) the aggregator is rebuilt from the stored ticks of each instrument's current trading
+day; bars already stored are not published again. When a shard changes hands, RabbitMQ
+redelivers what the previous instance had received but not acknowledged *after* newer
+ticks: such redelivered, now out-of-order ticks are stored if missing
+(:meth:`TickStore.write_late`) and their instruments' bars rebuilt from the store, so the
+bars still open include them. A bar already closed and published before they arrived is
+not changed (its volume is right, from the cumulative volume; a high or low seen only in
+the late ticks is missed). To make that rare, the closed bars of an instrument this process
+has just started handling are held for ``--takeover-hold`` seconds (2 by default): the
+requeued ticks arrive within that time and the bars are rebuilt with them before anything
+is published. A crash between
 publishing a bar and acknowledging the batch can publish that bar a second time, with
 the same message id: consumers deduplicate by it.
 """
@@ -29,7 +39,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import logging
-import signal
 import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -38,7 +47,7 @@ from typing import Any
 import msgspec
 
 from qamarket.aggregation import Aggregator
-from qamarket.cleaning import TickCleaner
+from qamarket.cleaning import DUPLICATE, OUT_OF_ORDER, TickCleaner
 from qamarket.models import DEFAULT_REGISTRY, Bar, Tick, TickBatch, UnknownInstrument
 from qamarket.sessions import to_ms
 from qapubsub import keys
@@ -81,7 +90,7 @@ class TickPipeline:
 
     def __init__(self, tick_store: Any, bar_store: Any, publish_bars: Any, *, freqs: Sequence[str] = ALL_FREQS,
                  realtime: Sequence[str] = ("1min",), clock: FeedClock | None = None, timer_grace_ms: int = 1000,
-                 check_sessions: bool = True) -> None:
+                 check_sessions: bool = True, takeover_hold: float = 2.0) -> None:
         self.ticks = tick_store
         self.bars = bar_store
         self.publish_bars = publish_bars  # (closed: list[Bar], realtime: list[Bar]) -> None, confirmed on return
@@ -94,31 +103,43 @@ class TickPipeline:
         self.dropped: Counter[str] = Counter()
         self.counts: Counter[str] = Counter()
         self._published_upto: dict[tuple[str, str, str], int] = {}  # bars at or before are stored
+        self._recovered: set[tuple[str, str]] = set()
+        self.takeover_hold = takeover_hold
+        self._hold_until: dict[tuple[str, str], float] = {}  # instrument -> monotonic end of its hold
+        self._held: dict[tuple[str, str], list[Bar]] = {}
+        self._outbox: list[Bar] = []  # closed bars to publish (kept across a failed publish)
+        self._unstored: list[Bar] = []  # published, not yet in the bar store
 
     # recovery ----------------------------------------------------------------------------------
-    def recover(self) -> int:
-        """Rebuild the aggregator from today's stored ticks; returns the ticks replayed."""
-        marks = self.ticks.load_watermarks()
-        replayed = 0
-        for ex, sym in marks:
-            last = self.ticks.last_tick(ex, sym)
-            if last is None:
-                continue
-            for freq in self.freqs:
-                bar = self.bars.last_bar(ex, sym, freq)
-                if bar is not None:
-                    self._published_upto[(ex, sym, freq)] = bar.datetime
-            day_start = self._day_start(last)
-            todays = self.ticks.ticks(ex, sym, start=day_start)
-            cleaner = self._cleaner(last)
-            for t in todays:
-                if cleaner is not None and cleaner.check(t) is None:
-                    self._emit(self.agg.on_tick(t), replaying=True)
-                    self.clock.saw(t.datetime)
-            replayed += len(todays)
-        if replayed:
-            log.info("rebuilt bars from %d stored ticks of %d instruments", replayed, len(marks))
-        return replayed
+    def recover(self, exchange: str, symbol: str) -> int:
+        """Rebuild one instrument's bars from its stored ticks of the current trading day.
+
+        Done the first time this process sees the instrument (after a start, or when it takes
+        over a shard), never for instruments it does not handle: with several shards the store
+        holds every shard's instruments, and rebuilding those here would let this process's
+        timer close bars it does not own. Returns the ticks replayed.
+        """
+        self._recovered.add((exchange, symbol))
+        if self.takeover_hold > 0 and (exchange, symbol) not in self._hold_until:
+            # Hold this instrument's closed bars a moment: what a previous instance of the shard had
+            # received but not acknowledged is redelivered *after* newer ticks, and must be in them.
+            self._hold_until[(exchange, symbol)] = time.monotonic() + self.takeover_hold
+        last = self.ticks.last_tick(exchange, symbol)
+        if last is None:
+            return 0
+        for freq in self.freqs:
+            bar = self.bars.last_bar(exchange, symbol, freq)
+            if bar is not None:
+                self._published_upto[(exchange, symbol, freq)] = bar.datetime
+        todays = self.ticks.ticks(exchange, symbol, start=self._day_start(last))
+        cleaner = self._cleaner(last)
+        for t in todays:
+            if cleaner is not None and cleaner.check(t) is None:
+                self._emit(self.agg.on_tick(t), replaying=True)
+                self.clock.saw(t.datetime)
+        if todays:
+            log.info("rebuilt %s.%s bars from %d stored ticks", exchange, symbol, len(todays))
+        return len(todays)
 
     @staticmethod
     def _day_start(t: Tick) -> int:
@@ -141,9 +162,33 @@ class TickPipeline:
         return c
 
     def handle(self, items: Sequence[tuple[Tick | TickBatch, Any]]) -> dict[int, str]:
-        """Clean, persist, aggregate, publish. Returns ``{delivery_tag: reason}`` to dead-letter."""
+        """Clean, persist, aggregate, publish. Returns ``{delivery_tag: reason}`` to dead-letter.
+
+        If anything fails, every cleaner touched is put back as it was, so the redelivered batch
+        is judged exactly as this one was (else its ticks would be dropped as duplicates).
+        """
+        saved: dict[tuple[str, str], Any] = {}
+        try:
+            return self._handle(items, saved)
+        except BaseException:
+            for key, state in saved.items():
+                cleaner = self.cleaners.get(key)
+                if cleaner is not None:
+                    cleaner.restore(state)
+            raise
+
+    def _handle(self, items: Sequence[tuple[Tick | TickBatch, Any]], saved: dict[tuple[str, str], Any]) -> dict[int, str]:
+        self._release_holds()
+        # Instruments seen for the first time are rebuilt from the store first, and only now (not
+        # at start): a standby instance of a shard gets its first batch when it takes over, and must
+        # start from what its predecessor stored.
+        for payload, _delivery in items:
+            key = (payload.exchange, payload.symbol)
+            if key not in self._recovered:
+                self.recover(*key)
         rejected: dict[int, str] = {}
         kept: list[Tick] = []
+        late: list[Tick] = []  # redelivered after newer ticks of the instrument: stored if missing
         for payload, delivery in items:
             ticks = payload.ticks if isinstance(payload, TickBatch) else (payload,)
             for t in ticks:
@@ -151,9 +196,14 @@ class TickPipeline:
                 if cleaner is None:
                     rejected[delivery.delivery_tag] = f"unknown instrument {t.exchange}.{t.symbol}: no spec, no sessions"
                     break
+                key = (t.exchange, t.symbol)
+                if key not in saved:
+                    saved[key] = cleaner.save()
                 reason = cleaner.check(t)
                 if reason is None:
                     kept.append(t)
+                elif delivery.redelivered and reason in (OUT_OF_ORDER, DUPLICATE):
+                    late.append(t)
                 else:
                     self.dropped[reason] += 1
         self.counts["received"] += sum(len(p.ticks) if isinstance(p, TickBatch) else 1 for p, _ in items)
@@ -163,6 +213,20 @@ class TickPipeline:
             raise Transient(f"tick store: {type(exc).__name__}: {exc}") from exc
         self.counts["stored"] += result.stored
         self.counts["skipped_stored"] += result.skipped
+        if late:
+            try:
+                late_result = self.ticks.write_late(late)
+            except Exception as exc:
+                raise Transient(f"tick store (late ticks): {type(exc).__name__}: {exc}") from exc
+            self.counts["stored_late"] += late_result.stored
+            self.counts["skipped_stored"] += late_result.skipped
+            # Rebuild those instruments with the late ticks in place: bars still open or still held
+            # get them; bars already published stay as they were (their ids are final).
+            for ex, sym in {(t.exchange, t.symbol) for t in late_result.new}:
+                self.agg.forget(sym)
+                self.cleaners.pop((ex, sym), None)
+                self._held.pop((ex, sym), None)
+                self.recover(ex, sym)
         bars: list[Bar] = []
         for t in result.new:
             bars.extend(self.agg.on_tick(t))
@@ -171,38 +235,64 @@ class TickPipeline:
         return rejected
 
     def on_timer(self) -> None:
+        self._release_holds()
         now = self.clock.now()
         if now is not None:
             self._emit(self.agg.on_timer(now - self.timer_grace_ms))
+        elif self._outbox or self._unstored:
+            self._emit(())
 
     def flush(self) -> None:
-        """Shutdown: nothing to do, open bars are rebuilt from the stored ticks at the next start."""
+        """Stopping: release every hold and publish what is pending (a restart would redo it anyway)."""
+        self._release_holds(now=float("inf"))
+        if self._outbox or self._unstored:
+            self._emit(())
+
+    def _release_holds(self, now: float | None = None) -> None:
+        if not self._hold_until:
+            return
+        now = time.monotonic() if now is None else now
+        for key in [k for k, until in self._hold_until.items() if until <= now]:
+            del self._hold_until[key]
+            self._emit(self._held.pop(key, []))
 
     def _emit(self, bars: Sequence[Bar], replaying: bool = False) -> None:
-        if not bars:
-            return
-        closed, realtime = [], []
+        """Closed bars: published (confirmed) first, then stored; realtime bars: published.
+
+        Publishing before storing means a crash in between makes the restart publish the bar
+        again (same id, consumers deduplicate) instead of never. Bars of an instrument still in
+        its take-over hold wait in ``_held``.
+        """
+        realtime = []
         for b in bars:
             if not b.final:
-                realtime.append(b)
+                if not replaying:
+                    realtime.append(b)
                 continue
+            key = (b.exchange, b.symbol)
             upto = self._published_upto.get((b.exchange, b.symbol, b.freq))
             if upto is not None and b.datetime <= upto:
-                continue  # stored (and published) before a restart
-            closed.append(msgspec.structs.replace(b, id=bar_message_id(b)))
-        if replaying:
-            realtime = []
-        if closed:
+                continue  # published before (a restart, or a rebuild)
+            if key in self._hold_until:
+                self._held.setdefault(key, []).append(b)
+                continue
+            self._outbox.append(msgspec.structs.replace(b, id=bar_message_id(b)))
+            self._published_upto[(b.exchange, b.symbol, b.freq)] = b.datetime
+        if self._outbox or realtime:
             try:
-                self.bars.write(closed)
+                self.publish_bars(self._outbox, realtime)
+            except Exception as exc:  # the outbox is kept and published again with the next batch
+                raise Transient(f"bar publish: {type(exc).__name__}: {exc}") from exc
+            self.counts["bars_closed"] += len(self._outbox)
+            self.counts["bars_realtime"] += len(realtime)
+            self._unstored.extend(self._outbox)
+            self._outbox = []
+        if self._unstored:
+            try:
+                self.bars.write(self._unstored)
             except Exception as exc:
                 raise Transient(f"bar store: {type(exc).__name__}: {exc}") from exc
-            for b in closed:
-                self._published_upto[(b.exchange, b.symbol, b.freq)] = b.datetime
-        if closed or realtime:
-            self.publish_bars(closed, realtime)
-            self.counts["bars_closed"] += len(closed)
-            self.counts["bars_realtime"] += len(realtime)
+            self._unstored = []
 
 
 def make_bar_publisher(connection: Any, topology: Topology) -> Any:
@@ -233,6 +323,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--clock", choices=("feed", "wall"), default="feed",
                         help="timer clock for closing bars without a later tick (default: the feed's time)")
     parser.add_argument("--no-session-check", action="store_true", help="keep ticks outside trading sessions")
+    parser.add_argument("--takeover-hold", type=float, default=2.0,
+                        help="seconds to hold the closed bars of an instrument this process just took over "
+                             "(default 2; 0 disables)")
     parser.add_argument("--shard", type=int, default=0,
                         help="which tick shard this instance consumes (default 0); a second instance of the same "
                              "shard stands by and takes over when the first stops")
@@ -258,7 +351,8 @@ def build(settings: Settings, args: argparse.Namespace) -> tuple[Any, TickPipeli
         raise ConfigError(f"--freqs: unknown frequency {', '.join(unknown)} (use {', '.join(ALL_FREQS)})")
     pipeline = TickPipeline(TickStore(db), BarStore(db), make_bar_publisher(conn, topo), freqs=freqs,
                             realtime=[f.strip() for f in args.realtime.split(",") if f.strip()],
-                            clock=FeedClock(args.clock), check_sessions=not args.no_session_check)
+                            clock=FeedClock(args.clock), check_sessions=not args.no_session_check,
+                            takeover_hold=args.takeover_hold)
     import os
 
     shards = args.shards if args.shards is not None else int(os.environ.get("QA_TICK_SHARDS", "1") or 1)
@@ -268,22 +362,14 @@ def build(settings: Settings, args: argparse.Namespace) -> tuple[Any, TickPipeli
     topo.declare_sync(conn.channel(), queues=[topo.tick_queue(i) for i in range(shards)])
     consumer = BatchConsumer(conn, topo.tick_queue(args.shard), pipeline.handle, message_type=Tick | TickBatch,
                              topology=topo, batch_size=args.batch_size, batch_wait=args.batch_wait,
-                             prefetch=args.prefetch, on_idle=pipeline.on_timer, idle_interval=0.1)
+                             prefetch=args.prefetch, on_idle=pipeline.on_timer, idle_interval=0.1,
+                             on_stop=pipeline.flush)
     return consumer, pipeline
 
 
 def run(args: argparse.Namespace) -> int:
     settings = Settings.from_env()
     consumer, pipeline = build(settings, args)
-
-    def stop_during_recovery(signum: int, _frame: Any) -> None:
-        # Recovery only reads MongoDB and nothing has been consumed yet: stopping now loses nothing.
-        log.info("signal %s during recovery: exiting", signal.Signals(signum).name)
-        raise SystemExit(0)
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, stop_during_recovery)
-    pipeline.recover()
     log.info("tickhandler consuming %s", consumer.queue_name)
     code = consumer.run_until_signal()
     log.info("tickhandler stopped: %s; dropped %s", dict(pipeline.counts), dict(pipeline.dropped))

@@ -395,6 +395,10 @@ class Aggregator:
             )
         return agg
 
+    def forget(self, symbol: str) -> None:
+        """Drop one instrument's state (its bars are then rebuilt from the ticks fed again)."""
+        self._aggs.pop(symbol, None)
+
     def on_tick(self, tick: Tick) -> Sequence[Bar]:
         agg = self._aggs.get(tick.symbol)
         if agg is None:

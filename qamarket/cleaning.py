@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Callable
-from typing import Final
+from typing import Any, Final
 
 from .models import UNSET_PRICE, InstrumentSpec, Tick
 from .sessions import END_GRACE_MS, MS_MIN, Calendar, DEFAULT_CALENDAR, Phase, template
@@ -126,6 +126,13 @@ class TickCleaner:
             if not ok:
                 return OUTSIDE_SESSION
         return None
+
+    def save(self) -> tuple[Any, Any]:
+        """The reference state (last kept tick), to :meth:`restore` if the batch it was checked in fails."""
+        return self._last, self._last_key
+
+    def restore(self, state: tuple[Any, Any]) -> None:
+        self._last, self._last_key = state
 
     def reset(self) -> None:
         """Forget the reference tick (e.g. after a reconnect that replays the day)."""

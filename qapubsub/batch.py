@@ -18,7 +18,8 @@ Outcomes, per :mod:`qapubsub.handling`:
   time so that only the poison message is dead-lettered.
 
 ``on_idle`` runs every ``idle_interval`` seconds on the consumer's thread, between
-deliveries (the tickhandler closes bars by timer there).
+deliveries (the tickhandler closes bars by timer there); ``on_stop`` once when stopping,
+after the last batch and before the channel closes.
 """
 from __future__ import annotations
 
@@ -47,7 +48,7 @@ class BatchConsumer(Consumer):
     def __init__(self, connection: Connection, queue: Queue | str, batch_handler: BatchHandler, *,
                  batch_size: int = 500, batch_wait: float = 0.02, on_idle: Callable[[], None] | None = None,
                  idle_interval: float = 0.1, prefetch: int = 2000, retry_backoff: Backoff | None = None,
-                 **kwargs: Any) -> None:
+                 on_stop: Callable[[], None] | None = None, **kwargs: Any) -> None:
         super().__init__(connection, queue, self._unused, prefetch=prefetch, ack_every=1 << 30,
                          poll_interval=min(kwargs.pop("poll_interval", 0.05), batch_wait, idle_interval), **kwargs)
         if batch_size < 1:
@@ -56,6 +57,7 @@ class BatchConsumer(Consumer):
         self.batch_size = batch_size
         self.batch_wait = batch_wait
         self.on_idle = on_idle
+        self.on_stop = on_stop
         self.idle_interval = idle_interval
         self.retry_backoff = retry_backoff or Backoff(interval_start=0.2, interval_max=10.0)
         self._batch: list[tuple[Any, Delivery]] = []
@@ -79,9 +81,15 @@ class BatchConsumer(Consumer):
         super()._maybe_flush_acks()
 
     def _shutdown(self) -> None:
-        if self._batch and self._ch is not None and self._ch.is_open:
+        if self._ch is not None and self._ch.is_open:
             with self._ch.connection._acquire_event_dispatch():  # noqa: SLF001 - no re-entrant deliveries
-                self._flush_batch()  # finish what was delivered before closing
+                if self._batch:
+                    self._flush_batch()  # finish what was delivered before closing
+                if self.on_stop is not None:
+                    try:
+                        self.on_stop()
+                    except Exception as exc:  # noqa: BLE001 - nothing is lost: the work is redone at restart
+                        log.warning("on_stop failed: %s", exc, extra={"queue": self.queue_name})
         super()._shutdown()
 
     def _setup(self) -> None:
