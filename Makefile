@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-stamp
 ENVFILE := .qaflow/servers.env
 WITH_SERVERS := set -a && . $(ENVFILE) && set +a &&
 
-.PHONY: run test bench servers stop-servers venv clean doctor
+.PHONY: run test bench servers stop-servers venv clean doctor cluster-up cluster-down cluster-test cluster-bench
 
 venv: $(STAMP)
 
@@ -46,3 +46,20 @@ doctor: servers
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis *.egg-info
+
+# A three-node RabbitMQ cluster on loopback (AMQP 5681-5683, dist 25681-25683, management
+# 15681-15683, data in .qaflow/cluster/); the default broker on 5672 is left alone.
+CLUSTER_ENV := .qaflow/cluster.env
+WITH_CLUSTER := set -a && . $(ENVFILE) && . $(CLUSTER_ENV) && set +a &&
+
+cluster-up: $(STAMP)
+	@$(BIN)/python scripts/cluster.py up
+
+cluster-down:
+	@$(BIN)/python scripts/cluster.py down
+
+cluster-test: servers cluster-up
+	@$(WITH_CLUSTER) QA_CLUSTER_TEST=1 $(BIN)/python -m pytest -q tests/cluster $(PYTEST_ARGS)
+
+cluster-bench: servers cluster-up
+	@$(WITH_CLUSTER) $(BIN)/python -m benchmarks.bench_cluster --out benchmarks/results/cluster.json

@@ -71,6 +71,50 @@ def check_queues(topo: Topology, found: dict[str, dict[str, Any]]) -> list[Check
     return out
 
 
+def check_cluster(topo: Topology, nodes: list[dict[str, Any]], found: dict[str, dict[str, Any]],
+                  consumers: list[dict[str, Any]] | None = None) -> list[Check]:
+    """The cluster section (pure): nodes, quorum queue leaders and replicas, tick shards and their consumers.
+
+    Only when the broker is a cluster (more than one node). A quorum queue with fewer online
+    members than nodes, or whose leader is down, is a WARN; a tick shard without a consumer is
+    a WARN (its ticks wait), one whose classic queue lives on a stopped node is a FAIL."""
+    if len(nodes) < 2:
+        return []
+    running = sorted(n["name"] for n in nodes if n.get("running"))
+    down = sorted(n["name"] for n in nodes if not n.get("running"))
+    out = [Check(WARN if down else OK, f"cluster: {len(nodes)} nodes, up {', '.join(running)}"
+                 + (f"; down {', '.join(down)}" if down else ""),
+                 "start the stopped nodes (make cluster-up, or rabbitmqctl -n NODE start_app)" if down else "")]
+    quorum = [q for name, q in sorted(found.items()) if q.get("type") == "quorum" and name.startswith(topo.namespace)]
+    for q in quorum:
+        members, online = q.get("members") or [], q.get("online") or []
+        leader = q.get("leader")
+        bad = leader not in running or len(online) < len(members) or len(members) < min(3, len(nodes))
+        out.append(Check(WARN if bad else OK,
+                         f"quorum queue {q['name']!r}: leader {leader}, members {len(online)}/{len(members)} online "
+                         f"({', '.join(sorted(members))}), {q.get('messages', 0)} messages, {q.get('consumers', 0)} consumers",
+                         "a replica is down: the queue works while a majority is up; start the node" if bad else ""))
+    active: dict[str, list[str]] = {}
+    for c in consumers or []:
+        qname = (c.get("queue") or {}).get("name", "")
+        who = (c.get("channel_details") or {}).get("connection_name", "?")
+        state = "active" if c.get("active", True) else "standby"
+        active.setdefault(qname, []).append(f"{who} {state}")
+    prefix = topo.name("qa.tickhandler.")
+    shards = sorted((int(n[len(prefix):]), q) for n, q in found.items()
+                    if n.startswith(prefix) and n[len(prefix):].isdigit())
+    for i, q in shards:
+        node = q.get("node") or q.get("leader")
+        who = active.get(q["name"], [])
+        status = FAIL if node not in running else (WARN if not q.get("consumers") else OK)
+        out.append(Check(status, f"tick shard {i} ({q['name']!r}) on {node}: {q.get('consumers', 0)} consumers"
+                                 + (f" [{'; '.join(who)}]" if who else "") + f", {q.get('messages', 0)} ticks waiting",
+                         {FAIL: f"its node {node} is down: the shard waits for it (classic queue); start the node",
+                          WARN: f"start a tickhandler: qaflow tickhandler --shard {i} --shards {len(shards)}",
+                          OK: ""}[status]))
+    return out
+
+
 def _mongo_check(settings: Settings) -> Check:
     import pymongo
 
@@ -138,6 +182,12 @@ def gather(settings: Settings, topo: Topology) -> list[Check]:
         checks.append(Check(OK, "plugin rabbitmq_consistent_hash_exchange enabled"))
     checks += check_exchanges(topo, exchanges)
     checks += check_queues(topo, queues)
+    if len(nodes) > 1:
+        try:
+            consumers = list(mgmt.get(f"/api/consumers/{mgmt._vh()}"))  # noqa: SLF001
+        except ManagementError:
+            consumers = []
+        checks += check_cluster(topo, nodes, queues, consumers)
     try:
         mgmt.get(f"/api/users/{settings.risk_user}")
         checks.append(Check(OK, f"risk-desk user {settings.risk_user!r} exists (force-closes must carry user_id={settings.risk_user})"))

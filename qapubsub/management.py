@@ -25,19 +25,36 @@ class Management:
         self.vhost = urllib.parse.unquote(parts.path[1:]) if len(parts.path) > 1 else "/"
         user = urllib.parse.unquote(parts.username or "guest")
         pwd = urllib.parse.unquote(parts.password or "guest")
-        self.base = (base_url or os.environ.get("QA_MANAGEMENT_URL") or f"http://{parts.hostname}:15672").rstrip("/")
+        # QA_MANAGEMENT_URL may list one URL per cluster node (comma-separated): tried in order.
+        bases = base_url or os.environ.get("QA_MANAGEMENT_URL") or f"http://{parts.hostname}:15672"
+        self.bases = [b.strip().rstrip("/") for b in bases.split(",") if b.strip()]
+        self.base = self.bases[0]
         self._auth = "Basic " + base64.b64encode(f"{user}:{pwd}".encode()).decode()
         self.timeout = timeout
 
     def get(self, path: str) -> Any:
-        req = urllib.request.Request(self.base + path, headers={"Authorization": self._auth})
+        """GET from the current node's API; on a connection failure, from the next listed node."""
+        order = [self.base, *(b for b in self.bases if b != self.base)]
+        for i, base in enumerate(order):
+            try:
+                result = self._get(base, path)
+            except ManagementError as exc:
+                if "not reachable" not in str(exc) or i == len(order) - 1:
+                    raise
+                continue
+            self.base = base
+            return result
+        raise AssertionError("unreachable")
+
+    def _get(self, base: str, path: str) -> Any:
+        req = urllib.request.Request(base + path, headers={"Authorization": self._auth})
         try:
             with urllib.request.urlopen(req, timeout=self.timeout) as resp:  # noqa: S310 - loopback/configured URL
                 return json.loads(resp.read())
         except urllib.error.HTTPError as exc:
             raise ManagementError(f"GET {path}: HTTP {exc.code} {exc.reason}") from None
         except (urllib.error.URLError, OSError) as exc:
-            raise ManagementError(f"management API at {self.base} not reachable: {exc}") from None
+            raise ManagementError(f"management API at {base} not reachable: {exc}") from None
 
     def _vh(self) -> str:
         return urllib.parse.quote(self.vhost, safe="")
