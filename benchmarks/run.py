@@ -27,7 +27,9 @@ BENCHMARKS: list[tuple[str, str, str]] = [
     ("aggregation", "benchmarks.bench_aggregation", "run"),
     ("store", "benchmarks.bench_store", "run"),
     ("risk", "benchmarks.bench_risk", "run"),
+    ("web", "benchmarks.bench_web", "run"),
     ("orders", "benchmarks.bench_orders", "run"),
+    ("pipeline", "benchmarks.bench_pipeline", "run"),
 ]
 
 
