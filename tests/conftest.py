@@ -18,6 +18,11 @@ from qapubsub.topology import Topology
 
 IN_CI = bool(os.environ.get("CI"))
 
+# Suites with their own make targets: `make cluster-test` (three RabbitMQ nodes, kills them) and
+# `make faults` (long fault injection). `make test` does not collect them.
+collect_ignore = [name for name, var in (("cluster", "QA_CLUSTER_TEST"), ("faults", "QA_FAULTS"))
+                  if not os.environ.get(var)]
+
 
 def _missing(what: str, why: str) -> None:
     msg = f"{what} is not reachable ({why}); run `make test`, which starts one"
