@@ -1,14 +1,17 @@
 """``qaflow demo`` -- what ``make run`` shows: the platform working, live, on this machine.
 
-It starts the daemons as real processes (tickhandler, router, paper executor for two
-accounts, account daemon; logs in ``.qaflow/logs``), opens two paper accounts with a
-copy-trade rule (``demo2`` follows ``demo1`` at half size), streams random-price ticks,
+It starts the daemons as real processes (tickhandler, barhandler, router, paper executor
+for three accounts, account daemon, risk monitor, the example strategy, web; logs in
+``.qaflow/logs``), opens three paper accounts with a copy-trade rule (``demo3`` follows
+``demo1`` at half size), streams random-price ticks,
 and then walks through the path a user cares about, printing each step:
 
 first tick stored -> first closed bar -> an order to ``demo1`` (native JSON on
 ``qaorder``) -> the router copies it to ``demo2`` -> the paper executor fills both ->
 the accounts show positions; a QATrader-format order on ``QAORDER_ROUTER`` is routed
-too; an order with a missing price is rejected with the field named.
+too; an order with a missing price is rejected with the field named; the example strategy
+(moving-average cross on rb2605 1-min bars, history from the barhandler) trades demo1 and
+demo2; the dashboard answers.
 
 Then a one-line summary every second until Ctrl-C (or ``--duration``): ticks/s, bars,
 orders, fills, per-account PnL. Ctrl-C stops the source and SIGTERMs every daemon, which
@@ -32,9 +35,10 @@ from typing import Any, TypeVar
 from handlers.stack import Daemon, Stack, default_daemons
 
 T = TypeVar("T")
-ACCOUNTS = ("demo1", "demo2")
+ACCOUNTS = ("demo1", "demo2", "demo3")  # the strategy trades demo1 and demo2; demo3 copies demo1
 INSTRUMENTS = ["SHFE.rb2605", "SHFE.cu2605", "DCE.i2605", "CZCE.SR605", "CFFEX.IF2606", "SSE.600000"]
-RULE_ID = "demo-copy-demo1-demo2"
+RULE_ID = "demo-copy-demo1-demo3"
+STEPS = 10
 
 
 class StepFailed(RuntimeError):
@@ -93,11 +97,11 @@ def run(args: argparse.Namespace) -> int:  # noqa: C901 - a script of steps, rea
     db = client[settings.mongo_db]
     conn = Connection(settings, client_name="qaflow-demo")
     topo.declare_sync(conn.channel(), queues=(*topo.platform_queues, *(topo.exec_queue(a) for a in ACCOUNTS)))
-    say(f"[1/8] topology declared: {len(topo.exchanges)} exchanges, platform queues, executor queues for "
+    say(f"[1/{STEPS}] topology declared: {len(topo.exchanges)} exchanges, platform queues, executor queues for "
         f"{', '.join(ACCOUNTS)}")
 
     accounts = AccountStore(db)
-    for name, cash in zip(ACCOUNTS, (1_000_000.0, 500_000.0)):
+    for name, cash in zip(ACCOUNTS, (1_000_000.0, 1_000_000.0, 500_000.0)):
         try:
             accounts.open(name, cash)
             say(f"      opened paper account {name} with {cash:,.0f}")
@@ -105,15 +109,17 @@ def run(args: argparse.Namespace) -> int:  # noqa: C901 - a script of steps, rea
             say(f"      paper account {name} exists (kept from an earlier run)")
     orders = OrderStore(db)
     if RULE_ID not in {r.rule_id for r in orders.load_rules()}:
-        orders.add_rule(FollowerRule(rule_id=RULE_ID, leader="demo1", follower="demo2", sizing=Sizing.RATIO,
+        orders.add_rule(FollowerRule(rule_id=RULE_ID, leader="demo1", follower="demo3", sizing=Sizing.RATIO,
                                      ratio=0.5))
-    say("      copy-trade rule: demo2 follows demo1 at ratio 0.5 (qaflow follow list)")
+    say("      copy-trade rule: demo3 follows demo1 at ratio 0.5 (qaflow follow list)")
 
-    stack = Stack()
-    daemons: list[Daemon] = default_daemons(ACCOUNTS)
+    web_port = _web_port()
+    token = os.environ.get("QA_WEB_TOKEN") or new_id()
+    stack = Stack(env={"QA_WEB_TOKEN": token})
+    daemons: list[Daemon] = default_daemons(ACCOUNTS, ("demo1", "demo2"), web_port)
     for d in daemons:
         p = stack.start(d)
-        say(f"[2/8] started {d.name:12} pid {p.pid:<7} log {stack.logs / (d.name + '.log')}")
+        say(f"[2/{STEPS}] started {d.name:12} pid {p.pid:<7} log {stack.logs / (d.name + '.log')}")
 
     stop = threading.Event()
     interrupted = threading.Event()
@@ -149,15 +155,15 @@ def run(args: argparse.Namespace) -> int:  # noqa: C901 - a script of steps, rea
     ok = False
     codes: dict[str, int | None] = {}
     try:
-        wait("the daemons to start consuming", lambda: _consumers_ready(conn, topo), 30, stack)
+        wait("the daemons to start consuming", lambda: _consumers_ready(conn, topo), 60, stack)
         source = threading.Thread(target=stream, name="random-source", daemon=True)
         source.start()
-        say(f"[3/8] random-price source streaming {len(INSTRUMENTS)} instruments at {args.rate:.0f} ticks/s")
+        say(f"[3/{STEPS}] random-price source streaming {len(INSTRUMENTS)} instruments at {args.rate:.0f} ticks/s")
         first = wait("the first stored ticks", lambda: _tick_count(db) - ticks_before, 30, stack)
-        say(f"[4/8] first ticks stored in MongoDB ({first} so far, in per-instrument chunks)")
+        say(f"[4/{STEPS}] first ticks stored in MongoDB ({first} so far, in per-instrument chunks)")
         wait("the first closed bar", lambda: db.bars.count_documents({"freq": "1min"}) > bars_before, 60, stack)
         bar = db.bars.find_one({"freq": "1min"}, sort=[("datetime", -1)])
-        say(f"[5/8] first closed 1-min bar: {bar['exchange']}.{bar['symbol']} O {bar['open']} H {bar['high']} "
+        say(f"[5/{STEPS}] first closed 1-min bar: {bar['exchange']}.{bar['symbol']} O {bar['open']} H {bar['high']} "
             f"L {bar['low']} C {bar['close']} V {bar['volume']:.0f}")
 
         last = wait("a quote for rb2605", lambda: ticks.last_tick("SHFE", "rb2605"), 30, stack)
@@ -173,15 +179,15 @@ def run(args: argparse.Namespace) -> int:  # noqa: C901 - a script of steps, rea
                       direction=Direction.BUY, offset=Offset.OPEN, price_type=PriceType.LIMIT, price=price,
                       volume=4, strategy_id="demo")
         Publisher(conn, topology=topo).publish(topo.order, keys.order_key("demo1"), order)
-        say(f"[6/8] order {order.order_id}: demo1 BUY OPEN 4 rb2605 @ {price} published to qaorder")
+        say(f"[6/{STEPS}] order {order.order_id}: demo1 BUY OPEN 4 rb2605 @ {price} published to qaorder")
 
         def filled() -> dict[str, float] | None:
-            out = {name: long_rb(name) for name in ACCOUNTS}
-            return out if out["demo1"] >= held["demo1"] + 4 and out["demo2"] >= held["demo2"] + 2 else None
+            out = {name: long_rb(name) for name in ("demo1", "demo3")}
+            return out if out["demo1"] >= held["demo1"] + 4 and out["demo3"] >= held["demo3"] + 2 else None
 
-        got = wait("the fills of demo1 and its follower demo2", filled, 30, stack)
+        got = wait("the fills of demo1 and its follower demo3", filled, 30, stack)
         got = {k: v - held[k] for k, v in got.items()}
-        say(f"      filled: demo1 bought {got['demo1']:.0f}, demo2 bought {got['demo2']:.0f} (copy-trade at 0.5)")
+        say(f"      filled: demo1 bought {got['demo1']:.0f}, demo3 bought {got['demo3']:.0f} (copy-trade at 0.5)")
 
         qatrader = {"topic": "sendorder", "account_cookie": "demo1", "strategy_id": "demo", "code": "rb2605",
                     "exchange_id": "SHFE", "order_direction": "SELL", "order_offset": "CLOSETODAY",
@@ -190,7 +196,7 @@ def run(args: argparse.Namespace) -> int:  # noqa: C901 - a script of steps, rea
         conn.channel().basic_publish(topo.qapubsub_order, "demo1", json.dumps(qatrader).encode())
         wait("the QATrader-format order to be routed",
              lambda: db.orders.find_one({"_id": qatrader["order_id"], "state": "routed"}), 30, stack)
-        say(f"[7/8] QATrader-format order {qatrader['order_id']} on QAORDER_ROUTER routed (SELL CLOSETODAY 2)")
+        say(f"[7/{STEPS}] QATrader-format order {qatrader['order_id']} on QAORDER_ROUTER routed (SELL CLOSETODAY 2)")
 
         bad = {"schema": "qa.order", "order_id": f"bad-{new_id()}", "account": "demo1", "symbol": "rb2605",
                "exchange": "SHFE", "direction": "BUY", "offset": "OPEN", "price_type": "LIMIT", "volume": 1}
@@ -201,8 +207,19 @@ def run(args: argparse.Namespace) -> int:  # noqa: C901 - a script of steps, rea
             return json.loads(body) if m else None
 
         rej = wait("the reject report of the bad order", rejected, 30, stack)
-        say(f"[8/8] order without a price rejected: field {rej.get('field')!r}: {rej.get('reason')} "
+        say(f"[8/{STEPS}] order without a price rejected: field {rej.get('field')!r}: {rej.get('reason')} "
             f"(also in the dead-letter queue {topo.dead_letters.name})")
+        strategy_orders = wait("the strategy's first orders (MA cross on rb2605 1-min bars)",
+                               lambda: [d["_id"] for d in db.orders.find({}, {"_id": 1})
+                                        if str(d["_id"]).startswith("ma-demo-")], 120, stack)
+        say(f"[9/{STEPS}] strategy ma-demo (MA 3/8 cross) traded demo1 and demo2: {len(strategy_orders)} order(s), "
+            f"e.g. {strategy_orders[0]}")
+        import urllib.request
+
+        with urllib.request.urlopen(f"http://127.0.0.1:{web_port}/readyz", timeout=5) as resp:  # noqa: S310
+            ready = resp.status
+        say(f"[10/{STEPS}] dashboard ({'ready' if ready == 200 else ready}): http://127.0.0.1:{web_port}/"
+            f"?token={token}")
         ok = True
 
         say("live (Ctrl-C to stop):" if not args.duration else f"live for {args.duration:.0f} s:")
@@ -231,11 +248,27 @@ def run(args: argparse.Namespace) -> int:  # noqa: C901 - a script of steps, rea
     return 0 if ok and clean else 1
 
 
+def _web_port() -> int:
+    """QA_WEB_PORT, else 8010 if free, else any free loopback port."""
+    import socket
+
+    if os.environ.get("QA_WEB_PORT"):
+        return int(os.environ["QA_WEB_PORT"])
+    for port in (8010, 0):
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return int(sock.getsockname()[1])
+    raise StepFailed("no free port for the web service")
+
+
 def _consumers_ready(conn: Any, topo: Any) -> bool:
     ch = conn.channel()
     try:
         for q in (topo.tickhandler.name, topo.router_orders.name, topo.account_reports.name,
-                  *(topo.exec_queue(a).name for a in ACCOUNTS)):
+                  topo.history_requests.name, *(topo.exec_queue(a).name for a in ACCOUNTS)):
             if ch.queue_declare(q, passive=True).method.consumer_count < 1:
                 return False
         return True

@@ -26,14 +26,24 @@ class Daemon:
     argv: tuple[str, ...]
 
 
-#: the platform as ``qaflow up`` starts it (the demo adds its own accounts)
-def default_daemons(accounts: Sequence[str] = ("demo1", "demo2")) -> list[Daemon]:
+#: the example strategy `make run` trades with
+STRATEGY = ("strategy", "qamarket.strategies.ma_cross:MaCross", "--id", "ma-demo", "--symbol", "SHFE.rb2605",
+            "--freq", "1min", "--param", "fast=3", "slow=8", "volume=2")
+
+
+def default_daemons(accounts: Sequence[str] = ("demo1", "demo2", "demo3"),
+                    strategy_accounts: Sequence[str] = ("demo1", "demo2"), web_port: int = 8010) -> list[Daemon]:
+    """The whole platform: data in, bars, orders, executors, accounts, risk, a strategy, the web."""
     acc = tuple(a for name in accounts for a in ("--account", name))
     return [
         Daemon("tickhandler", ("tickhandler",)),
+        Daemon("barhandler", ("barhandler", "--subscribe", "SHFE.rb2605:1min,5min")),
         Daemon("router", ("router",)),
         Daemon("broker-sim", ("broker", "sim", *acc)),
         Daemon("account", ("account", "run")),
+        Daemon("risk", ("risk", "run")),
+        Daemon("strategy", (*STRATEGY[:2], "--accounts", ",".join(strategy_accounts), *STRATEGY[2:])),
+        Daemon("web", ("web", "--port", str(web_port))),
     ]
 
 
@@ -110,13 +120,16 @@ def down(state: Path = STATE, timeout: float = 30.0) -> dict[str, int | str]:
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--accounts", default="demo1,demo2", help="paper accounts the executor serves")
+    parser.add_argument("--accounts", default="demo1,demo2,demo3", help="paper accounts the executor serves")
+    parser.add_argument("--strategy-accounts", default="demo1,demo2", help="accounts the example strategy trades")
+    parser.add_argument("--web-port", type=int, default=8010)
 
 
 def run(args: argparse.Namespace) -> int:
     """``qaflow up``: start the platform's daemons in the background."""
     stack = Stack()
-    for d in default_daemons([a for a in args.accounts.split(",") if a]):
+    for d in default_daemons([a for a in args.accounts.split(",") if a],
+                             [a for a in args.strategy_accounts.split(",") if a], args.web_port):
         p = stack.start(d, detach=True)
         print(f"started {d.name:12} pid {p.pid}  log {stack.logs / (d.name + '.log')}")
     print("stop them with: qaflow down")

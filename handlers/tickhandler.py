@@ -296,21 +296,34 @@ class TickPipeline:
 
 
 def make_bar_publisher(connection: Any, topology: Topology) -> Any:
-    """Closed bars persistent and confirmed before the batch is acked; realtime bars transient."""
+    """Closed bars: persistent, confirmed before the batch is acknowledged. Realtime bars: transient,
+    their confirms are not waited for (a lost realtime update is replaced 500 ms later).
+
+    ``connection`` should not be the consumer's: on the consumer's socket a confirm would
+    queue behind up to ``--prefetch`` deliveries (measured: most of a batch's time).
+    """
     from qapubsub.sync import StreamPublisher
 
     closed_pub = StreamPublisher(connection, topology=topology, persistent=True, batch_size=1000)
-    rt_pub = StreamPublisher(connection, topology=topology, persistent=False, batch_size=1000)
+    rt_pub = StreamPublisher(connection, topology=topology, persistent=False, batch_size=5000)
 
     def publish(closed: Sequence[Bar], realtime: Sequence[Bar]) -> None:
-        for b in closed:
-            closed_pub.publish(topology.bar, keys.bar_key(b.freq, b.exchange, b.symbol), b)
         for b in realtime:
             rt_pub.publish(topology.rtbar, keys.bar_key(b.freq, b.exchange, b.symbol), b)
-        closed_pub.flush()
-        rt_pub.flush()
+        for b in closed:
+            closed_pub.publish(topology.bar, keys.bar_key(b.freq, b.exchange, b.symbol), b)
+        if closed:
+            closed_pub.flush()
+        else:
+            connection.blocking.process_data_events(0)  # send the realtime bars now, read confirms
 
     return publish
+
+
+def _idle(pipeline: TickPipeline, bar_conn: Any) -> None:
+    pipeline.on_timer()
+    if bar_conn.is_open:
+        bar_conn.blocking.process_data_events(0)  # heartbeats and confirms of the bar connection
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -349,7 +362,8 @@ def build(settings: Settings, args: argparse.Namespace) -> tuple[Any, TickPipeli
     if unknown:
         from qapubsub.settings import ConfigError
         raise ConfigError(f"--freqs: unknown frequency {', '.join(unknown)} (use {', '.join(ALL_FREQS)})")
-    pipeline = TickPipeline(TickStore(db), BarStore(db), make_bar_publisher(conn, topo), freqs=freqs,
+    bar_conn = Connection(settings, client_name="qaflow-tickhandler-bars")
+    pipeline = TickPipeline(TickStore(db), BarStore(db), make_bar_publisher(bar_conn, topo), freqs=freqs,
                             realtime=[f.strip() for f in args.realtime.split(",") if f.strip()],
                             clock=FeedClock(args.clock), check_sessions=not args.no_session_check,
                             takeover_hold=args.takeover_hold)
@@ -362,7 +376,7 @@ def build(settings: Settings, args: argparse.Namespace) -> tuple[Any, TickPipeli
     topo.declare_sync(conn.channel(), queues=[topo.tick_queue(i) for i in range(shards)])
     consumer = BatchConsumer(conn, topo.tick_queue(args.shard), pipeline.handle, message_type=Tick | TickBatch,
                              topology=topo, batch_size=args.batch_size, batch_wait=args.batch_wait,
-                             prefetch=args.prefetch, on_idle=pipeline.on_timer, idle_interval=0.1,
+                             prefetch=args.prefetch, on_idle=lambda: _idle(pipeline, bar_conn), idle_interval=0.1,
                              on_stop=pipeline.flush)
     return consumer, pipeline
 

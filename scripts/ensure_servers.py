@@ -19,6 +19,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.parse
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -103,8 +104,10 @@ def ensure_rabbitmq() -> tuple[str, bool]:
         why = amqp_ok(url)
         if why:
             fail(f"QA_AMQP_URL is set but the broker does not answer: {why}")
+        parts = urllib.parse.urlsplit(url)
+        local = parts.hostname in ("127.0.0.1", "localhost") and (parts.port or 5672) == 5672
         say("RabbitMQ: using QA_AMQP_URL (found, not started)")
-        return os.environ["QA_AMQP_URL"], False
+        return os.environ["QA_AMQP_URL"], local
     if port_open("127.0.0.1", 5672):
         why = wait_amqp(DEFAULT_AMQP, 30)
         if why:
