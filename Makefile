@@ -63,3 +63,11 @@ cluster-test: servers cluster-up
 
 cluster-bench: servers cluster-up
 	@$(WITH_CLUSTER) $(BIN)/python -m benchmarks.bench_cluster --out benchmarks/results/cluster.json
+
+# Fault suite (tests/faults): kill -9 of each daemon, MongoDB and broker restarts (private
+# servers), TCP cuts, fuzzed bad messages, security; prints the results table into docs/reliability.md.
+.PHONY: faults
+faults: servers
+	@rm -f .qaflow/faults/results.jsonl
+	@$(WITH_SERVERS) $(BIN)/python -m pytest -q tests/faults -m "integration or faults" $(PYTEST_ARGS); rc=$$?; \
+	  $(BIN)/python scripts/faults_table.py --write docs/reliability.md; exit $$rc
