@@ -280,6 +280,7 @@ def run_sim(args: argparse.Namespace) -> int:
                              topology=topo, prefetch=1000, ack_every=100)
     runner.start(tick_consumer, "ticks")
 
+    tick_keys: set[str] = set()
     exec_consumers = []
     for a in accounts:
         conn = Connection(settings, client_name=f"qaflow-broker-sim-{a}")
@@ -288,7 +289,11 @@ def run_sim(args: argparse.Namespace) -> int:
         def on_exec(msg: Any, _d: Any, pub: Any = pub) -> None:
             if isinstance(msg, Order):
                 # bind the instrument's ticks first: once NOTTRADED is out, its ticks reach us
-                tick_consumer.bind(topo.tick, keys.tick_key(msg.exchange.value, msg.symbol))
+                # (once per instrument: bind() is a cross-thread round trip; it is restored on reconnects)
+                tkey = keys.tick_key(msg.exchange.value, msg.symbol)
+                if tkey not in tick_keys:
+                    tick_consumer.bind(topo.tick, tkey)
+                    tick_keys.add(tkey)
                 service.on_order(msg, pub)
             else:
                 service.on_cancel(msg, pub)

@@ -5,20 +5,46 @@ account/group key) and ``router_risk`` (force-close / release from ``qarisk``), 
 orders with :func:`qaorder.routing.route` and publishes the children to ``qa.exec``
 (key = account; confirms + mandatory: no executor queue => Reject report).
 
-Risk first. The orders queue is consumed with :class:`qapubsub.sync.Consumer`; the risk
-queue is drained with ``basic_get`` on a second channel of the same connection (a) before
-*every* order is handled and (b) every ``risk_interval`` seconds from the consumer loop
-when no order arrives. Why not two consumers: pika delivers both consumers' messages in
-arrival order through one I/O loop, so a force-close could wait behind a prefetched batch
-of orders; with ``basic_get`` before each order a force-close is always applied before
-the next order is routed (so the reduce-only block holds for it).
+Batches. The orders queue is consumed with :class:`qapubsub.batch.BatchConsumer`: a batch is
+up to ``batch_size`` (200) deliveries, or whatever one I/O read delivered (``batch_wait`` 0:
+a lone order waits for nothing, a burst is routed in bulk). Per batch (:meth:`Router.on_batch`):
 
-Idempotency. An order's plan (its children and their exact JSON bodies and message ids)
-is written to ``orders`` before anything is published; each child is marked once the
-broker confirmed (or returned) it; the order is marked ``routed`` and only then acked. A
-redelivery of a ``routed`` order is a no-op; of a ``planned`` one re-publishes the
-children not yet confirmed, byte for byte (same ``message_id``). Force-close and release
-are idempotent by ``command_id`` the same way (``processed``).
+1. the risk queue is drained (``basic_get`` on a second channel) -- risk first, see below;
+   the routing configuration version is read if 0.2 s have passed since the last read;
+2. every order is decoded and routed (pure); pre-trade checks per child (the risk gate's
+   account read is served from one ``$in`` read of the batch's accounts; the gate is told of
+   each accepted child before the next check, so counting limits see earlier orders of the
+   batch); an order id seen earlier in the same batch is a duplicate;
+3. ONE unordered ``insert_many`` of the plans (``_id`` = order id): the duplicate-key errors
+   of that write are the redeliveries -- their stored plans are read (one ``$in`` read, only
+   when there are any): ``planned`` ones are resumed (their unconfirmed children re-published
+   with the stored bodies and the SAME message ids), ``routed``/``rejected`` ones audited as
+   ``duplicate`` and skipped;
+4. ONE audit document for the batch's decisions, then every child is published
+   (persistent, ``mandatory``) on a :class:`qapubsub.sync.StreamPublisher` and the router
+   waits ONCE for all confirms; a child the broker returned (tracked by message id: RabbitMQ
+   sends ``basic.return`` before the ack of that message) becomes a Reject report for that
+   child (``child_orders`` status REJECTED, the plan's child gets ``error``);
+5. ONE bulk write marks the orders ``routed`` (or ``rejected``: no child accepted), with the
+   children's flags for those with returned children; then the batch is acked with one
+   multiple-ack.
+
+A crash anywhere before 5 leaves the batch unacked: the redelivery finds the plans (step 3)
+and publishes only what is not marked, with the same message ids; executors de-duplicate by
+order id / message id. A cancel inside a batch ends the run of orders before it (they are
+planned, published and marked first) and is handled alone, in delivery order.
+
+Risk first. The risk queue is drained with ``basic_get`` (a) before *every batch* and (b)
+every ``risk_interval`` seconds from the consumer loop when no order arrives. Every
+force-close the broker holds when a batch starts is applied (reduce-only) before any order of
+that batch is routed -- including orders delivered before the command; a force-close arriving
+while a batch is being routed applies from the next batch (at most one batch, i.e. a few ms,
+later; before batching the window was one order). Why not two consumers: pika delivers both
+consumers' messages in arrival order through one I/O loop, so a force-close could wait
+behind a prefetched batch of orders.
+
+Idempotency. Force-close and release are idempotent by ``command_id`` (``processed``), cancels
+by message id; their children go out with the same gathered publisher.
 
 Quotes for force-close pricing: the last stored tick of each instrument
 (:meth:`qamarket.store.TickStore.last_tick`, collection ``ticks`` of the same database,
@@ -34,8 +60,10 @@ Pre-trade rules: ``qaflow router`` passes a :class:`handlers.risk.RiskGate` as `
 consumes executor reports and ticks on its own bounded queue of this connection (see
 ``docs/risk.md``).
 
-Order status updates from ``qa.report`` are left to the account daemon: ``child_orders``
-keeps SUBMITTING / PENDING_CANCEL / REJECTED as set by the router.
+Order status updates from ``qa.report`` are left to the account daemon. ``child_orders`` holds
+only status exceptions the router sets (REJECTED, PENDING_CANCEL); accepted children live in
+their parent's plan (``OrderStore.working_children`` derives an account's working children for
+force-close planning).
 """
 from __future__ import annotations
 
@@ -44,7 +72,7 @@ import hashlib
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -115,11 +143,56 @@ def _rejection(result: Any, child: Order) -> tuple[str, str] | None:
     return "risk", str(result)
 
 
+class _BatchAccounts:
+    """Account documents read once per batch: ``find_one({"_id": a})`` of the risk gate and the
+    equity sizing are served from ONE ``find({"_id": {"$in": [...]}})`` of every account the
+    batch touches (cleared before each batch, so never older than the batch). Anything else
+    goes to the real collection."""
+
+    def __init__(self, coll: Any) -> None:
+        self.coll = coll
+        self._wanted: set[str] = set()
+        self._docs: dict[str, dict[str, Any] | None] = {}
+
+    def clear(self) -> None:
+        self._wanted.clear()
+        self._docs.clear()
+
+    def want(self, accounts: Iterable[str]) -> None:
+        self._wanted.update(accounts)
+
+    def get(self, account: str) -> dict[str, Any] | None:
+        if account not in self._docs:
+            ids = sorted((self._wanted | {account}) - set(self._docs))
+            found = {d["_id"]: d for d in self.coll.find({"_id": {"$in": ids}})}
+            for i in ids:
+                self._docs[i] = found.get(i)
+        return self._docs[account]
+
+    def equities(self, accounts: Iterable[str]) -> dict[str, float]:
+        self.want(accounts)
+        out: dict[str, float] = {}
+        for a in dict.fromkeys(accounts):
+            bal = ((self.get(a) or {}).get("accounts") or {}).get("balance")
+            if isinstance(bal, (int, float)):
+                out[a] = float(bal)
+        return out
+
+    def find_one(self, query: Any, *args: Any, **kw: Any) -> Any:
+        if isinstance(query, dict) and set(query) == {"_id"} and isinstance(query["_id"], str) and not args and not kw:
+            return self.get(query["_id"])
+        return self.coll.find_one(query, *args, **kw)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.coll, name)
+
+
 class Router:
     def __init__(self, settings: Settings, topology: Topology, db: Any, *, risk_check: RiskCheck | None = None,
                  connection: Any = None, risk_interval: float = 0.1, bindings_interval: float = 5.0,
-                 price_mode: PriceMode | None = None) -> None:
-        from qapubsub.sync import Connection, Publisher
+                 price_mode: PriceMode | None = None, batch_size: int = 200, batch_wait: float = 0.0,
+                 reload_interval: float = 0.2) -> None:
+        from qapubsub.sync import Connection, Publisher, StreamPublisher
 
         self.settings = settings
         self.topo = topology
@@ -129,8 +202,17 @@ class Router:
         # a RiskGate (handlers.risk) also wants dispatched orders, reports and force-closes
         self.risk_gate: Any = risk_check if hasattr(risk_check, "on_order_accepted") else None
         self.connection = connection or Connection(settings, client_name="qaflow-router")
-        self.exec_pub = Publisher(self.connection, topology=topology)          # confirms + mandatory
-        self.report_pub = Publisher(self.connection, topology=topology, mandatory=False)
+        # children and reports: confirms gathered (one wait per batch), mandatory (returns tracked by
+        # message id), persistent; dead letters of risk commands: confirm each
+        self.exec_pub = StreamPublisher(self.connection, topology=topology, persistent=True, mandatory=True,
+                                        batch_size=100_000, io_every=50)
+        self.cmd_pub = Publisher(self.connection, topology=topology)
+        self.reload_interval = reload_interval
+        self._last_reload = 0.0
+        self._audit_buf: list[Any] = []
+        self._accounts = _BatchAccounts(self.store.accounts)
+        if self.risk_gate is not None and hasattr(getattr(self.risk_gate, "orders", None), "accounts"):
+            self.risk_gate.orders.accounts = self._accounts   # its per-child account read, once per batch
         self.instruments = _Instruments()
         mode = price_mode or PriceMode(os.environ.get("QA_FORCECLOSE_PRICE", PriceMode.LIMIT_PRICE.value))
         self.price_mode = mode
@@ -148,12 +230,14 @@ class Router:
         self.counts = {"orders": 0, "children": 0, "rejected": 0, "duplicates": 0, "cancels": 0, "forceclose": 0}
         self.reload(force=True)
         self.consumer = _RouterConsumer(self, self.connection, topology.router_orders.with_bindings(
-            *(Binding(topology.qapubsub_order, k) for k in sorted(self._known_keys()))), self.on_order,
-            topology=topology, prefetch=50)
+            *(Binding(topology.qapubsub_order, k) for k in sorted(self._known_keys()))), self.on_batch,
+            topology=topology, batch_size=batch_size, batch_wait=batch_wait, prefetch=max(50, 2 * batch_size),
+            idle_interval=min(risk_interval, 0.05))
         self._bound = {b.routing_key for b in self.consumer.bindings if b.exchange == topology.qapubsub_order}
 
     # configuration ----------------------------------------------------------------------
     def reload(self, force: bool = False) -> bool:
+        self._last_reload = time.monotonic()
         v = self.store.version()
         if not force and v == self._version:
             return False
@@ -201,26 +285,69 @@ class Router:
         acc = _word(account or routing_key)
         msg = RejectReport(account=account or routing_key, field=field_, reason=reason, order_id=order_id,
                            dialect=dialect, routing_key=routing_key)
-        self.report_pub.publish(self.topo.report, keys.report_key(acc, "reject"), msg)
+        self.exec_pub.publish(self.topo.report, keys.report_key(acc, "reject"), msg)   # gathered by the caller
         self.counts["rejected"] += 1
 
     # orders -----------------------------------------------------------------------------
     def on_order(self, body: bytes, delivery: Any) -> None:
-        self.poll_risk()                 # force-close / release first, always
-        if self.reload():
-            self.refresh_bindings()
-        rk = delivery.routing_key
+        """One order as a batch of one (the batch consumer calls :meth:`on_batch`)."""
+        why = self.on_batch([(body, delivery)])
+        if why:
+            raise handling.Reject(next(iter(why.values())))
+
+    def on_batch(self, items: Sequence[tuple[bytes, Any]]) -> dict[int, str]:
+        """A batch of deliveries from ``router_orders``; returns ``{delivery_tag: reason}`` to dead-letter.
+
+        Risk first: the risk queue is drained before anything of the batch is routed, so every
+        force-close the broker holds when the batch starts blocks opening orders of the whole
+        batch. New orders are handled in runs (one plan insert, one gathered publish, one bulk
+        state update, one audit document per run); a cancel ends the run before it (so it sees
+        the plans of the orders before it) and is handled on its own, in delivery order.
+        """
+        from pymongo.errors import ConnectionFailure
+
         try:
-            msg, dialect = decode_order(body, rk)
-        except OrderRejected as exc:
-            self.store.audit([{"action": "reject", "parent_id": exc.order_id or "", "account": exc.account or rk,
-                               "detail": str(exc), "field": exc.field}])
-            self.report_reject(exc.account, exc.field, exc.reason, order_id=exc.order_id, routing_key=rk)
-            raise handling.Reject(f"{exc.field}: {exc.reason}" if exc.field else exc.reason) from None
-        if isinstance(msg, Cancel):
-            self._on_cancel(msg, delivery, body)
-        else:
-            self._on_new_order(msg, dialect, delivery)
+            return self._on_batch(items)
+        except ConnectionFailure as exc:   # MongoDB down: requeue after back-off, count no attempt
+            raise handling.Transient(f"MongoDB: {exc}") from exc
+
+    def _on_batch(self, items: Sequence[tuple[bytes, Any]]) -> dict[int, str]:
+        self.poll_risk()                 # force-close / release first, always
+        self._maybe_reload()
+        self._accounts.clear()
+        rejected: dict[int, str] = {}
+        run: list[tuple[Order, str, Any]] = []
+        for body, delivery in items:
+            rk = delivery.routing_key
+            try:
+                msg, dialect = decode_order(body, rk)
+            except OrderRejected as exc:
+                self._audit_buf.append({"action": "reject", "parent_id": exc.order_id or "",
+                                        "account": exc.account or rk, "detail": str(exc), "field": exc.field})
+                self.report_reject(exc.account, exc.field, exc.reason, order_id=exc.order_id, routing_key=rk)
+                rejected[delivery.delivery_tag] = f"{exc.field}: {exc.reason}" if exc.field else exc.reason
+                continue
+            if isinstance(msg, Cancel):
+                self._route_run(run)
+                run = []
+                self._on_cancel(msg, delivery, body)
+            else:
+                run.append((msg, dialect, delivery))
+        self._route_run(run)
+        if self._audit_buf or self.exec_pub._pending:  # noqa: SLF001 - reports of rejects still unconfirmed
+            self.exec_pub.gather()
+            self._flush_audit()
+        return rejected
+
+    def _maybe_reload(self) -> None:
+        if time.monotonic() - self._last_reload >= self.reload_interval:
+            if self.reload():
+                self.refresh_bindings()
+
+    def _flush_audit(self) -> None:
+        buf, self._audit_buf = self._audit_buf, []
+        if buf:
+            self.store.audit_batch(buf)
 
     def _child_entry(self, msg: Message, account: str, kind: str = "order") -> dict[str, Any]:
         return {"order_id": getattr(msg, "order_id"), "account": account, "routing_key": keys.exec_key(account),
@@ -250,84 +377,147 @@ class Router:
             return _rejection(self.risk_check(child, ctx), child)
         return None
 
-    def _on_new_order(self, order: Order, dialect: str, delivery: Any) -> None:
-        existing = self.store.get_order(order.order_id)
-        if existing is not None:
-            self._resume("orders", existing)
+    def _route_run(self, run: Sequence[tuple[Order, str, Any]]) -> None:
+        """Route consecutive new orders: plan all, ONE insert_many, publish, gather, ONE bulk update."""
+        if not run:
             return
-        self.counts["orders"] += 1
-        equities: dict[str, float] = {}
-        if any(r.sizing is Sizing.EQUITY and r.leader == order.account and r.enabled for r in self.rules):
-            equities = self.store.equities([order.account, *(r.follower for r in self.rules)])
-        dec = route(order, self.rules, self.groups, equities, self.instruments)  # type: ignore[arg-type]
-        accepted: list[Order] = []
-        rejected: list[tuple[Order, str, str]] = []
-        audit: list[Any] = list(dec.audit)
-        for child in dec.children:
-            why = self._check_child(child, order, dialect)
-            if why is None:
-                accepted.append(child)
-            else:
-                rejected.append((child, *why))
-                audit.append({"action": "reject", "parent_id": order.order_id, "account": child.account,
-                              "child_id": child.order_id, "field": why[0], "detail": why[1]})
-        doc = {"_id": order.order_id, "order": msgspec.to_builtins(order), "dialect": dialect,
-               "routing_key": delivery.routing_key, "exchange": delivery.exchange, "state": "planned",
-               "received_ns": time.time_ns(),
-               "children": [self._child_entry(c, c.account) for c in accepted],
-               "rejected": [{"order_id": c.order_id, "account": c.account, "field": f, "reason": r}
-                            for c, f, r in rejected]}
-        rec, fresh = self.store.plan_order(doc)
-        if not fresh:
-            self._resume("orders", rec)
-            return
-        if self.risk_gate is not None:
-            for c in accepted:
-                self.risk_gate.on_order_accepted(c)
-        self.store.save_children([self._child_doc(c) for c in accepted] +
-                                 [{**self._child_doc(c, OrderStatus.REJECTED.value), "reason": r}
-                                  for c, _f, r in rejected])
-        self.store.audit(audit)
-        for c, f, r in rejected:
-            self.report_reject(c.account, f, r, order_id=c.order_id, dialect=dialect, routing_key=delivery.routing_key)
-        self._publish_children("orders", rec)
-        self.store.finish("orders", rec["_id"], "routed" if accepted else "rejected")
-
-    def _resume(self, coll: str, rec: dict[str, Any]) -> None:
-        if rec.get("state") == "planned":
-            log.info("resuming a planned %s record", coll, extra={"id": rec["_id"]})
-            self._publish_children(coll, rec)
-            self.store.finish(coll, rec["_id"], "routed" if coll == "orders" else "done")
-        else:
-            self.counts["duplicates"] += 1
-            self.store.audit([{"action": "duplicate", "parent_id": rec["_id"], "account": rec.get("routing_key", ""),
-                               "detail": f"already {rec.get('state')}: not placed again"}])
-            log.info("duplicate delivery ignored", extra={"id": rec["_id"]})
-
-    def _publish_children(self, coll: str, rec: dict[str, Any]) -> None:
-        from qapubsub.sync import Unroutable
-
-        for i, c in enumerate(rec.get("children", [])):
-            if c.get("confirmed"):
+        self._accounts.want(o.account for o, _d, _dl in run)
+        seen: set[str] = set()
+        fresh: list[tuple[dict[str, Any], list[Order], list[tuple[Order, str, str]], str, Any]] = []
+        audit: list[Any] = []
+        later_dups: list[Order] = []
+        for order, dialect, delivery in run:
+            if order.order_id in seen:            # the same id twice in one batch: the first one counts
+                later_dups.append(order)
                 continue
-            props = {"message_id": c["message_id"], "type": c.get("type"), "content_type": "application/json"}
-            if c.get("correlation_id"):
-                props["correlation_id"] = c["correlation_id"]
-            err = None
-            try:
+            seen.add(order.order_id)
+            equities: dict[str, float] = {}
+            if any(r.sizing is Sizing.EQUITY and r.leader == order.account and r.enabled for r in self.rules):
+                equities = self._accounts.equities([order.account, *(r.follower for r in self.rules)])
+            dec = route(order, self.rules, self.groups, equities, self.instruments)  # type: ignore[arg-type]
+            accepted: list[Order] = []
+            rejected: list[tuple[Order, str, str]] = []
+            recs: list[Any] = list(dec.audit)
+            self._accounts.want(c.account for c in dec.children)
+            for child in dec.children:
+                why = self._check_child(child, order, dialect)
+                if why is None:
+                    accepted.append(child)
+                    if self.risk_gate is not None:   # before the next check: limits see this order
+                        self.risk_gate.on_order_accepted(child)
+                else:
+                    rejected.append((child, *why))
+                    recs.append({"action": "reject", "parent_id": order.order_id, "account": child.account,
+                                 "child_id": child.order_id, "field": why[0], "detail": why[1]})
+            doc = {"_id": order.order_id, "order": msgspec.to_builtins(order), "dialect": dialect,
+                   "routing_key": delivery.routing_key, "exchange": delivery.exchange, "state": "planned",
+                   "received_ns": time.time_ns(),
+                   "children": [self._child_entry(c, c.account) for c in accepted],
+                   "rejected": [{"order_id": c.order_id, "account": c.account, "field": f, "reason": r}
+                                for c, f, r in rejected]}
+            fresh.append((doc, accepted, rejected, dialect, recs))
+        existing_ids = self.store.plan_orders([f[0] for f in fresh])
+        records: list[dict[str, Any]] = []           # what to publish, in delivery order
+        dup_ids: list[str] = []
+        for doc, _accepted, rejected, dialect, recs in fresh:
+            if doc["_id"] in existing_ids:
+                records.append({"_id": doc["_id"], "_existing": True})
+                continue
+            self.counts["orders"] += 1
+            audit.extend(recs)
+            if rejected:
+                self.store.save_children([{**self._child_doc(c, OrderStatus.REJECTED.value), "reason": r}
+                                          for c, _f, r in rejected])
+            for c, f, r in rejected:
+                self.report_reject(c.account, f, r, order_id=c.order_id, dialect=dialect, routing_key=doc["routing_key"])
+            records.append(doc)
+        if existing_ids:
+            stored = self.store.get_orders(sorted(existing_ids))
+            for i, rec in enumerate(records):
+                if rec.get("_existing"):
+                    got = stored.get(rec["_id"])
+                    if got is not None and got.get("state") == "planned":
+                        log.info("resuming a planned order", extra={"id": rec["_id"]})
+                        records[i] = got
+                    else:
+                        dup_ids.append(rec["_id"])
+                        records[i] = {}
+        for o in later_dups:
+            dup_ids.append(o.order_id)
+        for oid in dup_ids:
+            self.counts["duplicates"] += 1
+            audit.append({"action": "duplicate", "parent_id": oid, "account": "",
+                          "detail": "already planned or routed: not placed again"})
+            log.info("duplicate delivery ignored", extra={"id": oid})
+        self._audit_buf.extend(audit)
+        self._flush_audit()                           # decisions before anything is published
+        records = [r for r in records if r]
+        self._publish_records("orders", records,
+                              lambda r: "routed" if r.get("children") else "rejected")
+
+    def _publish_records(self, coll: str, records: Sequence[dict[str, Any]],
+                         final_state: Callable[[dict[str, Any]], str] | None) -> None:
+        """Publish every unconfirmed child of ``records`` (same body, same ``message_id``), wait once
+        for all confirms, turn returned children into Reject reports, then mark the records with ONE
+        bulk write (``final_state`` per record; None: only the children's flags)."""
+        if not records:
+            return
+        todo: list[tuple[dict[str, Any], int, dict[str, Any]]] = []
+        for rec in records:
+            for i, c in enumerate(rec.get("children") or []):
+                if c.get("confirmed"):
+                    continue
+                props = {"message_id": c["message_id"], "type": c.get("type"), "content_type": "application/json"}
+                if c.get("correlation_id"):
+                    props["correlation_id"] = c["correlation_id"]
                 self.exec_pub.publish(self.topo.exec, c["routing_key"], c["body"].encode(), properties=props)
-                self.counts["children"] += 1
-            except Unroutable:
-                err = f"no executor for account {c['account']}"
-            self.store.child_confirmed(coll, rec["_id"], i, err)
+                todo.append((rec, i, c))
+        returned = self.exec_pub.gather() if todo or self.exec_pub._pending else set()  # noqa: SLF001
+        self.counts["children"] += len(todo)
+        sets: dict[str, dict[str, Any]] = {}
+        failed: list[dict[str, Any]] = []
+        status_docs: list[dict[str, Any]] = []
+        for rec, i, c in todo:
+            if c["message_id"] not in returned and final_state is not None:
+                continue            # state routed/done: every child confirmed
+            err = f"no executor for account {c['account']}" if c["message_id"] in returned else None
+            # the whole array, not "children.<i>.confirmed": nx-27017 ignores array-index paths in $set
+            s = sets.setdefault(rec["_id"], {"children": [dict(x) for x in rec["children"]]})
+            s["children"][i].update(confirmed=True, error=err)
             if err:
+                self.counts["children"] -= 1
                 if c.get("kind", "order") == "order":
-                    self.store.set_child_status(c["order_id"], OrderStatus.REJECTED.value, err)
+                    o = msgspec.json.decode(c["body"])
+                    status_docs.append({"_id": c["order_id"], "parent_id": rec["_id"], "account": c["account"],
+                                        "symbol": o.get("symbol"), "exchange": o.get("exchange"),
+                                        "direction": o.get("direction"), "offset": o.get("offset"),
+                                        "volume": o.get("volume"), "price": o.get("price"), "source": o.get("source"),
+                                        "status": OrderStatus.REJECTED.value, "reason": err,
+                                        "updated_ns": time.time_ns()})
                     if self.risk_gate is not None:
                         self.risk_gate.on_order_failed(c["order_id"])
-                self.store.audit([{"action": "reject", "parent_id": rec["_id"], "account": c["account"],
-                                   "child_id": c["order_id"], "detail": err}])
+                failed.append({"action": "reject", "parent_id": rec["_id"], "account": c["account"],
+                               "child_id": c["order_id"], "detail": err})
                 self.report_reject(c["account"], "account", err, order_id=c["order_id"], routing_key=c["routing_key"])
+        if failed:
+            self.exec_pub.gather()                    # the Reject reports, before the records are marked
+            self.store.save_children(status_docs)
+            self.store.audit_batch(failed)
+        if final_state is None:
+            if sets:
+                from pymongo import UpdateOne
+
+                self.store.db[coll].bulk_write([UpdateOne({"_id": k}, {"$set": v}) for k, v in sets.items()],
+                                               ordered=False)
+            return
+        states: dict[str, list[str]] = {}
+        for rec in records:
+            states.setdefault(final_state(rec), []).append(rec["_id"])
+        self.store.finish_many(coll, states, sets)
+
+    def _publish_children(self, coll: str, rec: dict[str, Any]) -> None:
+        """One record's unconfirmed children (cancels, force-close), flags marked; no state change."""
+        self._publish_records(coll, [rec], None)
 
     # cancels ------------------------------------------------------------------------------
     def _on_cancel(self, cancel: Cancel, delivery: Any, body: bytes) -> None:
@@ -346,7 +536,8 @@ class Router:
             self.store.audit([{"action": "cancel", "parent_id": cancel.order_id, "account": c.account,
                                "child_id": c.order_id, "detail": c.reason} for c in cancels])
             for c in cancels:
-                self.store.set_child_status(c.order_id, OrderStatus.PENDING_CANCEL.value, c.reason)
+                self.store.set_child_status(c.order_id, OrderStatus.PENDING_CANCEL.value, c.reason,
+                                            account=c.account, parent_id=cancel.order_id)
         if rec.get("state") == "planned":
             self._publish_children("processed", rec)
             self.store.finish("processed", key, "done")
@@ -374,7 +565,9 @@ class Router:
             n += 1
             try:
                 self.on_risk(body, props, method.routing_key)
+                self.exec_pub.gather()
             except handling.Reject as exc:
+                self.exec_pub.gather()
                 self._dead_letter(body, props, method, str(exc))
                 ch.basic_ack(method.delivery_tag)
             except Exception as exc:  # noqa: BLE001
@@ -394,7 +587,7 @@ class Router:
                                                     attempts=1)
         p.pop("user_id", None)   # the broker refuses another user's id on our connection
         try:
-            self.exec_pub.publish(self.topo.dlx, method.routing_key, body, properties=p)
+            self.cmd_pub.publish(self.topo.dlx, method.routing_key, body, properties=p)
         except Unroutable:
             log.error("dead-letter exchange has no queue; dropping: %s", reason)
         log.error("risk command dead-lettered: %s", reason, extra={"routing_key": method.routing_key})
@@ -466,8 +659,9 @@ class Router:
                                              f"{len(plan.cancels)} cancels, {len(plan.orders)} orders, "
                                              f"{len(plan.skipped)} skipped"}, *plan.audit])
                 for c in plan.cancels:
-                    self.store.set_child_status(c.order_id, OrderStatus.PENDING_CANCEL.value, c.reason)
-                self.store.save_children([self._child_doc(o) for o in plan.orders])
+                    self.store.set_child_status(c.order_id, OrderStatus.PENDING_CANCEL.value, c.reason,
+                                                account=c.account)
+                # the flattening orders are working children through this ``processed`` plan
         if rec.get("state") == "planned":
             self._publish_children("processed", rec)   # cancels first, then the flattening orders
             self.store.finish("processed", key, "done")
@@ -484,19 +678,18 @@ class Router:
 
 
 def _make_consumer_class() -> type:
-    from qapubsub.sync import Consumer
+    from qapubsub.batch import BatchConsumer
 
-    class RouterConsumer(Consumer):  # type: ignore[misc]
-        """The orders consumer; its loop also serves the risk queue and the bindings (Router.idle)."""
+    class RouterConsumer(BatchConsumer):  # type: ignore[misc]
+        """The orders consumer (batches: up to ``batch_size`` orders, or what arrived within
+        ``batch_wait`` s; with 0 a batch is whatever one I/O read delivered, so a lone order waits
+        for nothing and a burst is handled in bulk). Its loop also serves the risk queue and the
+        bindings (Router.idle)."""
 
         def __init__(self, router: Router, *args: Any, **kw: Any) -> None:
-            super().__init__(*args, **kw)
+            super().__init__(*args, on_idle=router.idle, **kw)
             self.router = router
-
-        def _maybe_flush_acks(self) -> None:
-            super()._maybe_flush_acks()
-            if self.ready.is_set():
-                self.router.idle()
+            self.poll_interval = max(self.poll_interval, 0.02)   # returns early on a delivery anyway
 
     return RouterConsumer
 

@@ -16,10 +16,22 @@ Collections and documents
   ``body`` is the exact JSON published to ``qa.exec``: a redelivered order re-publishes
   its unconfirmed children byte for byte, with the same ``message_id``.
 
-``child_orders`` -- one per order sent to an executor (``_id`` = child order id)::
+  ``state: "routed"`` means every child was confirmed by the broker (or returned: then its
+  ``error`` is set); the per-child ``confirmed`` flags are only written for children that
+  were returned or belong to a cancel / force-close record, so they are meaningful while
+  ``state`` is ``planned`` (written in one bulk update per router batch).
+
+``child_orders`` -- status *exceptions* of children (``_id`` = child order id): children the
+router rejected (risk, reduce-only, returned as unroutable) and children it asked to cancel
+(``PENDING_CANCEL``)::
 
     {_id, parent_id, account, symbol, exchange, direction, offset, volume, price,
-     source, status: "SUBMITTING"|...|"REJECTED", reason, updated_ns}
+     source, status: "PENDING_CANCEL"|"REJECTED", reason, updated_ns}
+
+  Accepted children are *not* copied here (that was one upsert per child on the hot path):
+  they live in their parent's plan in ``orders`` (``children.account`` is indexed) and
+  :meth:`OrderStore.working_children` derives an account's working children from the plans
+  plus these exceptions.
 
 ``processed`` -- idempotency records of the other commands (cancels by message id,
 force-close and release by ``command_id``)::
@@ -27,9 +39,11 @@ force-close and release by ``command_id``)::
     {_id: "cancel:<id>"|"forceclose:<command_id>"|"release:<command_id>",
      state: "planned"|"done"|"rejected", children: [...as above...], ...}
 
-``audit`` -- one document per routing decision (``qaorder.models.AuditRecord`` fields
-plus ``ts``): ``direct | group | follow | skip | reject | cancel | forceclose | release |
-refused | duplicate``.
+``audit`` -- routing decisions (``qaorder.models.AuditRecord`` fields plus ``ts``):
+``direct | group | follow | skip | reject | cancel | forceclose | release | refused |
+duplicate``. Single records are one document each; the router's order batches write ONE
+document per batch, ``{batch: true, records: [...], ts}`` (``records.parent_id`` is indexed).
+:meth:`OrderStore.audit_of` flattens both shapes.
 
 ``follower_rules`` -- ``{_id: rule_id, ...FollowerRule fields...}``.
 
@@ -38,8 +52,8 @@ refused | duplicate``.
 ``account_state`` -- ``{_id: account, reduce_only: bool, command_id, reason, operator,
 since_ns}``: the trading block a force-close sets until a release.
 
-``meta`` -- ``{_id: "routing", version: n}``: bumped by every rule/group change so a
-running router reloads with one point read per message.
+``meta`` -- ``{_id: "routing", version: n}``: bumped by every rule/group change; a running
+router reads it at most every 0.2 s (and before a batch when that long has passed).
 
 ``accounts`` -- written by the account daemon (QIFI, ``_id`` = account_cookie); read here
 for ``accounts.balance`` (copy-trade equity sizing) and ``positions`` (force-close).
@@ -52,8 +66,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import msgspec
-from pymongo import ASCENDING, ReturnDocument
-from pymongo.errors import DuplicateKeyError
+from pymongo import ASCENDING, ReturnDocument, UpdateMany, UpdateOne
+from pymongo.errors import BulkWriteError, DuplicateKeyError
 
 from qaorder.models import AuditRecord, OrderStatus
 from qaorder.routing import FollowerRule
@@ -120,6 +134,8 @@ class OrderStore:
             self.children.create_index([("account", ASCENDING), ("status", ASCENDING)])
             self.children.create_index([("parent_id", ASCENDING)])
             self.audit_coll.create_index([("parent_id", ASCENDING)])
+            self.audit_coll.create_index([("records.parent_id", ASCENDING)])
+            self.orders.create_index([("children.account", ASCENDING)])
 
     # version ----------------------------------------------------------------------------
     def version(self) -> int:
@@ -203,6 +219,44 @@ class OrderStore:
         except DuplicateKeyError:
             return self.orders.find_one({"_id": doc["_id"]}), False
 
+    def get_orders(self, ids: Sequence[str]) -> dict[str, dict[str, Any]]:
+        """The stored plans of ``ids`` (one read)."""
+        if not ids:
+            return {}
+        return {d["_id"]: d for d in self.orders.find({"_id": {"$in": list(ids)}})}
+
+    def plan_orders(self, docs: Sequence[dict[str, Any]]) -> set[str]:
+        """Insert many plans in ONE unordered ``insert_many``; returns the ids that already existed
+        (found by the duplicate-key errors of that write, not by reads). Other errors raise."""
+        if not docs:
+            return set()
+        try:
+            self.orders.insert_many(docs, ordered=False)
+            return set()
+        except BulkWriteError as exc:
+            errors = exc.details.get("writeErrors") or []
+            other = [e for e in errors if e.get("code") != 11000]
+            if other or exc.details.get("writeConcernErrors"):
+                raise
+            return {docs[e["index"]]["_id"] for e in errors}
+
+    def finish_many(self, coll: str, states: Mapping[str, Sequence[str]],
+                    sets: Mapping[str, Mapping[str, Any]] | None = None) -> None:
+        """ONE bulk write: ``states`` {state: [ids]} (one ``update_many`` each) and per-record extra
+        ``$set`` s (returned children's flags) -- with ``done_ns``."""
+        now = time.time_ns()
+        ops: list[Any] = []
+        sets = sets or {}
+        for state, ids in states.items():
+            plain = [i for i in ids if i not in sets]
+            if plain:
+                ops.append(UpdateMany({"_id": {"$in": plain}}, {"$set": {"state": state, "done_ns": now}}))
+            for i in ids:
+                if i in sets:
+                    ops.append(UpdateOne({"_id": i}, {"$set": {**sets[i], "state": state, "done_ns": now}}))
+        if ops:
+            self.db[coll].bulk_write(ops, ordered=False)
+
     def child_confirmed(self, coll: str, record_id: str, index: int, error: str | None = None) -> None:
         self.db[coll].update_one({"_id": record_id},
                                  {"$set": {f"children.{index}.confirmed": True, f"children.{index}.error": error}})
@@ -217,15 +271,45 @@ class OrderStore:
         return [(c["account"], c["order_id"]) for c in doc.get("children", []) if c.get("kind", "order") == "order"]
 
     def save_children(self, docs: Sequence[dict[str, Any]]) -> None:
-        for d in docs:
-            self.children.replace_one({"_id": d["_id"]}, d, upsert=True)
+        """Upsert child status documents (exceptions: rejected / pending-cancel), one bulk write."""
+        if docs:
+            from pymongo import ReplaceOne
 
-    def set_child_status(self, order_id: str, status: str, reason: str = "") -> None:
-        self.children.update_one({"_id": order_id}, {"$set": {"status": status, "reason": reason,
-                                                              "updated_ns": time.time_ns()}})
+            self.children.bulk_write([ReplaceOne({"_id": d["_id"]}, d, upsert=True) for d in docs], ordered=False)
+
+    def set_child_status(self, order_id: str, status: str, reason: str = "", **on_insert: Any) -> None:
+        """Set a child's status (upsert: accepted children have no document until their first exception)."""
+        update: dict[str, Any] = {"$set": {"status": status, "reason": reason, "updated_ns": time.time_ns()}}
+        if on_insert:
+            update["$setOnInsert"] = on_insert
+        self.children.update_one({"_id": order_id}, update, upsert=True)
 
     def working_children(self, account: str) -> list[dict[str, Any]]:
-        return [d for d in self.children.find({"account": account}) if d.get("status") not in TERMINAL]
+        """The account's children not known to be terminal: from the plans in ``orders`` and the
+        force-close plans in ``processed`` (accepted children), minus children returned as
+        unroutable or marked terminal in ``child_orders``; plus ``child_orders`` documents of
+        children planned elsewhere (older routers wrote every child there). Each item:
+        ``{_id, account, status, order: {...Order fields...}}``. Rare (force-close): the plan
+        query is served by the ``children.account`` index on MongoDB."""
+        status = {d["_id"]: d for d in self.children.find({"account": account})}
+        out: dict[str, dict[str, Any]] = {}
+        for coll, query in ((self.orders, {"children": {"$elemMatch": {"account": account}}, "state": {"$ne": "rejected"}}),
+                            (self.processed, {"kind": "forceclose", "account": account})):
+            for doc in coll.find(query, {"children": 1}):
+                for c in doc.get("children") or []:
+                    if c.get("account") != account or c.get("kind", "order") != "order" or c.get("error"):
+                        continue
+                    oid = c["order_id"]
+                    st = status.get(oid, {}).get("status", OrderStatus.SUBMITTING.value)
+                    if st in TERMINAL:
+                        continue
+                    body = msgspec.json.decode(c["body"])
+                    body.pop("schema", None)
+                    out[oid] = {"_id": oid, "account": account, "status": st, "order": body}
+        for oid, d in status.items():
+            if oid not in out and d.get("status") not in TERMINAL and d.get("order"):
+                out[oid] = d
+        return list(out.values())
 
     # processed commands -----------------------------------------------------------------
     def get_processed(self, key: str) -> dict[str, Any] | None:
@@ -245,5 +329,17 @@ class OrderStore:
         if docs:
             self.audit_coll.insert_many(docs)
 
+    def audit_batch(self, records: Sequence[AuditRecord | Mapping[str, Any]]) -> None:
+        """ONE document for many records (a router batch)."""
+        if records:
+            now = time.time_ns()
+            self.audit_coll.insert_one({"batch": True, "ts": now, "records": [
+                {**(msgspec.to_builtins(r) if isinstance(r, AuditRecord) else dict(r)), "ts": now} for r in records]})
+
     def audit_of(self, **query: Any) -> list[dict[str, Any]]:
-        return list(self.audit_coll.find(query))
+        """Records matching ``query`` (equality on fields), single documents and batch records alike."""
+        out = [d for d in self.audit_coll.find({**query, "batch": {"$ne": True}})]
+        # $elemMatch, not "records.k": nx-27017 misses dotted array paths once they are indexed
+        for d in self.audit_coll.find({"batch": True, **({"records": {"$elemMatch": query}} if query else {})}):
+            out.extend(r for r in d.get("records") or [] if all(r.get(k) == v for k, v in query.items()))
+        return out

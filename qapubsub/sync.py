@@ -50,7 +50,7 @@ from typing import Any
 import pika
 import pika.exceptions as pex
 import pika.spec
-from pika.adapters.blocking_connection import BlockingChannel, BlockingConnection
+from pika.adapters.blocking_connection import BlockingChannel, BlockingConnection, _IoloopTimerContext
 
 from . import handling
 from .handling import AttemptTracker, Outcome, Reject
@@ -71,9 +71,16 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
 from .errors import Backoff, FatalError, Interrupted, PublishError, TransportError, Unroutable  # noqa: E402
 
 
+# 404 replies for a durable queue that exists but is momentarily unavailable on a cluster: its home node
+# is down ("home node ... is down or inaccessible"), or that node has just restarted and the queue's
+# process is not running yet ("... process is stopped by supervisor", seen in a rolling restart).
+_ABSENT_QUEUE = ("home node", "process is stopped by supervisor")
+
+
 def _home_node_down(exc: BaseException) -> bool:
-    """A classic durable queue whose cluster node is down (404 'home node ... is down'): it comes back with it."""
-    return isinstance(exc, pex.ChannelClosedByBroker) and exc.reply_code == 404 and "home node" in str(exc.reply_text)
+    """A classic durable queue whose cluster node is down or restarting (404, see _ABSENT_QUEUE): it comes back."""
+    return (isinstance(exc, pex.ChannelClosedByBroker) and exc.reply_code == 404
+            and any(s in str(exc.reply_text) for s in _ABSENT_QUEUE))
 
 
 def _fatal_channel_error(exc: pex.ChannelClosedByBroker, what: str) -> Exception | None:
@@ -414,8 +421,10 @@ class StreamPublisher(_ChannelOwner):
 
     def __init__(self, connection: Connection, *, topology: Topology | None = None, exchanges: Iterable[Exchange] = (),
                  batch_size: int = 500, max_attempts: int = 6, persistent: bool = False,
-                 flush_timeout: float = 30.0, io_every: int = 20) -> None:
+                 flush_timeout: float = 30.0, io_every: int = 20, mandatory: bool = False) -> None:
         super().__init__(connection, exchanges, topology)
+        self.mandatory = mandatory
+        self.returned: set[str] = set()   # message ids the broker returned (mandatory, unroutable)
         self.batch_size = max(2, batch_size)
         self.io_every = max(1, io_every)
         self._unflushed = 0
@@ -444,11 +453,19 @@ class StreamPublisher(_ChannelOwner):
             self._confirm_ok = True
 
         ch._impl.confirm_delivery(ack_nack_callback=self._on_confirm, callback=ok)  # noqa: SLF001 - see class doc
+        if self.mandatory:
+            ch._impl.add_on_return_callback(self._on_return)  # noqa: SLF001
         deadline = time.monotonic() + self.flush_timeout
         while not self._confirm_ok:
             if time.monotonic() > deadline:
                 raise PublishError("RabbitMQ did not answer Confirm.Select")
             self.connection.ensure().process_data_events(time_limit=0.05)
+
+    def _on_return(self, _ch: Any, _method: Any, props: pika.spec.BasicProperties, _body: bytes) -> None:
+        # RabbitMQ sends basic.return before the basic.ack of the same message: once a message is
+        # confirmed, its return (if any) has been seen.
+        if props.message_id is not None:
+            self.returned.add(str(props.message_id))
 
     def _on_confirm(self, frame: Any) -> None:
         method = frame.method
@@ -486,7 +503,7 @@ class StreamPublisher(_ChannelOwner):
         tag = self._next_tag
         self._pending[tag] = item
         self._next_tag = tag + 1
-        ch._impl.basic_publish(exchange, routing_key, body, props)  # noqa: SLF001
+        ch._impl.basic_publish(exchange, routing_key, body, props, mandatory=self.mandatory)  # noqa: SLF001
         self.published += 1
         self._unflushed += 1
 
@@ -503,7 +520,7 @@ class StreamPublisher(_ChannelOwner):
             self._pending[tag] = item
             self._next_tag = tag + 1
             try:
-                ch._impl.basic_publish(exchange, routing_key, body, props)  # noqa: SLF001 - see class doc
+                ch._impl.basic_publish(exchange, routing_key, body, props, mandatory=self.mandatory)  # noqa: SLF001 - see class doc
                 self.published += 1
                 self._unflushed += 1
                 if self._unflushed >= self.io_every:
@@ -543,7 +560,16 @@ class StreamPublisher(_ChannelOwner):
         """Wait until every message published so far is confirmed (re-publishing nacked/lost ones)."""
         self._drain(0)
 
-    def _drain(self, target: int) -> None:
+    def gather(self) -> set[str]:
+        """:meth:`flush`, returning as soon as the last confirm is in (also when called from a consumer
+        callback, where ``process_data_events`` cannot end early); returns and forgets the message ids
+        the broker returned since the last call (``mandatory=True``: no queue was bound). Only the I/O
+        loop runs while waiting; channel callbacks (deliveries) stay queued for the consumer."""
+        self._drain(0, fast=True)
+        out, self.returned = self.returned, set()
+        return out
+
+    def _drain(self, target: int, fast: bool = False) -> None:
         deadline = time.monotonic() + self.flush_timeout
         while len(self._pending) > target or self._nacked:
             if time.monotonic() > deadline:
@@ -557,6 +583,12 @@ class StreamPublisher(_ChannelOwner):
                     ch = self._channel()
                     if not ch.is_open:
                         raise pex.ChannelWrongStateError("channel closed")
+                    if fast:
+                        conn = self.connection.blocking
+                        with _IoloopTimerContext(0.05, conn._impl) as timer:  # noqa: SLF001
+                            conn._flush_output(timer.is_ready,  # noqa: SLF001
+                                               lambda: len(self._pending) <= target or bool(self._nacked))
+                        continue
                     self._wait_target = target
                     try:
                         # nested in a consumer callback pika cannot end this call early: keep slices short

@@ -355,3 +355,108 @@ def test_force_close_sent_while_the_router_is_down_runs_when_it_starts_and_sigte
             proc.kill()
             raise
     assert rc == 0, proc.stderr.read().decode()[-2000:] if proc.stderr else rc
+
+
+# batches ---------------------------------------------------------------------------------------
+def _orders_in_one_batch(env: Env, bodies: list[dict[str, Any]], **kw: Any) -> Any:
+    """Publish the orders while the router is not consuming, then start it: one prefetch, one batch."""
+    declare_queue_sync(env.ch, env.topo.router_orders.with_bindings())
+    env.ch.queue_bind(env.topo.router_orders.name, env.topo.order, "#")
+    for b in bodies:
+        env.publish(env.topo.order, keys.order_key(b["account"]), b)
+    return env.start(**kw)
+
+
+def _body(account: str, oid: str, **kw: Any) -> dict[str, Any]:
+    d = {"schema": "qa.order", "order_id": oid, "account": account, "symbol": "rb2512", "exchange": "SHFE",
+         "direction": "BUY", "offset": "OPEN", "price_type": "LIMIT", "price": 3900.0, "volume": 1}
+    d.update(kw)
+    return d
+
+
+def test_a_batch_with_the_same_order_id_twice_places_it_once(env: Env) -> None:
+    env.store.add_rule(FollowerRule(rule_id="r", leader="acc", follower="fol", ratio=1.0))
+    env.executor("acc", "fol")
+    router = _orders_in_one_batch(env, [_body("acc", "b-1"), _body("acc", "dup"), _body("acc", "dup"),
+                                        _body("acc", "b-2")])
+    wait_for(lambda: env.store.audit_of(parent_id="dup", action="duplicate"), 10, what="duplicate audited")
+    assert [m["order_id"] for m in env.exec_msgs("acc", 3)] == ["b-1", "dup", "b-2"]
+    assert [m["order_id"] for m in env.exec_msgs("fol", 3)] == ["b-1/f/fol", "dup/f/fol", "b-2/f/fol"]
+    assert env.get_all(env.topo.exec_queue("acc").name) == []
+    assert router.consumer.counts["batches"] <= 2 and router.counts["duplicates"] == 1
+    assert all(env.store.get_order(i)["state"] == "routed" for i in ("b-1", "dup", "b-2"))
+
+
+def test_a_returned_child_inside_a_batch_becomes_a_reject_report_for_that_child_only(env: Env) -> None:
+    env.store.add_rule(FollowerRule(rule_id="r", leader="acc", follower="ghost", ratio=1.0))  # no exec queue
+    env.executor("acc")
+    _orders_in_one_batch(env, [_body("acc", "r-1"), _body("acc", "r-2")])
+    assert [m["order_id"] for m in env.exec_msgs("acc", 2)] == ["r-1", "r-2"]
+    reps = env.collect(env.reports, 2)
+    assert sorted(r["order_id"] for r in reps) == ["r-1/f/ghost", "r-2/f/ghost"]
+    assert all(r["field"] == "account" and "no executor" in r["reason"] for r in reps)
+    wait_for(lambda: env.store.get_order("r-2")["state"] == "routed", 10, what="routed")
+    doc = env.store.get_order("r-1")
+    ghost = next(c for c in doc["children"] if c["account"] == "ghost")
+    leader = next(c for c in doc["children"] if c["account"] == "acc")
+    assert ghost["confirmed"] and "no executor" in ghost["error"] and not leader["error"]
+    assert env.db["child_orders"].find_one({"_id": "r-1/f/ghost"})["status"] == "REJECTED"
+    assert env.db["child_orders"].find_one({"_id": "r-1"}) is None       # accepted: only in the plan
+
+
+def test_a_crash_between_plan_insert_and_publish_resumes_with_the_same_ids(env: Env) -> None:
+    """The router dies right after the batch's insert_many: nothing published, nothing acked. The
+    next router publishes exactly the planned children, with the planned message ids, once."""
+    from handlers.router import Router
+
+    env.store.add_rule(FollowerRule(rule_id="r", leader="acc", follower="fol", ratio=1.0))
+    env.executor("acc", "fol")
+
+    class Crash(BaseException):
+        pass
+
+    declare_queue_sync(env.ch, env.topo.router_orders.with_bindings())
+    env.ch.queue_bind(env.topo.router_orders.name, env.topo.order, "#")
+    for b in (_body("acc", "c-3"), _body("acc", "c-4")):           # waiting: one batch
+        env.publish(env.topo.order, "acc", b)
+    r1 = Router(env.settings, env.topo, env.db)
+
+    def boom(*_a: Any, **_k: Any) -> None:
+        raise Crash("killed after the plan insert")
+    r1._publish_records = boom  # type: ignore[method-assign]  # noqa: SLF001
+    t = threading.Thread(target=lambda: pytest.raises(Crash, r1.run), daemon=True)
+    t.start()
+    wait_for(lambda: env.store.get_order("c-4") is not None, 10, what="plans inserted")
+    t.join(10)
+    planned = {oid: [c["message_id"] for c in env.store.get_order(oid)["children"]] for oid in ("c-3", "c-4")}
+    assert all(env.store.get_order(o)["state"] == "planned" for o in planned)
+    assert env.get_all(env.topo.exec_queue("acc").name) == []             # nothing went out
+    r1.connection.close()                                                 # the crash: unacked -> redelivered
+    env.start()
+    acc = [(p.message_id, b["order_id"]) for p, b in wait_for(
+        lambda: (lambda g: g if len(g) >= 2 else None)(env.get_all(env.topo.exec_queue("acc").name)), 10,
+        what="resumed children")]
+    fol = env.collect(env.topo.exec_queue("fol").name, 2)
+    assert sorted(acc) == sorted((planned[o][0], o) for o in planned)
+    assert sorted(m["order_id"] for m in fol) == ["c-3/f/fol", "c-4/f/fol"]
+    wait_for(lambda: all(env.store.get_order(o)["state"] == "routed" for o in planned), 10, what="routed")
+    assert not env.store.audit_of(parent_id="c-3", action="duplicate")
+    env.order("acc", "c-3")                                               # once more: a duplicate now
+    wait_for(lambda: env.store.audit_of(parent_id="c-3", action="duplicate"), 10, what="duplicate")
+    assert env.get_all(env.topo.exec_queue("acc").name) == []
+
+
+def test_force_close_then_opening_orders_in_the_next_batch_are_refused(env: Env) -> None:
+    """The risk queue is drained before a batch: a force-close waiting there blocks every opening
+    order of the batch, including ones delivered before it; closes pass."""
+    url, user = _risk_identity(env)
+    _force_close_setup(env)
+    env.executor("acc")
+    declare_queue_sync(env.ch, env.topo.router_risk)
+    _risk_publish(env, ForceClose(command_id="fc-b", account="acc", reason="margin", operator="desk"), url, user)
+    _orders_in_one_batch(env, [_body("acc", "o-open"), _body("acc", "o-close", direction="SELL", offset="CLOSE")])
+    msgs = env.exec_msgs("acc", 3)
+    ids = [m["order_id"] for m in msgs]
+    assert "o-open" not in ids and ids[-1] == "o-close"
+    rep = env.collect(env.reports, 1)
+    assert rep[0]["order_id"] == "o-open" and rep[0]["field"] == "offset"
