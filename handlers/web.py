@@ -26,6 +26,7 @@ Tokens: ``QA_WEB_TOKENS`` (``{"token": ["acc1"]}`` or ``tok=acc1+acc2;tok2=*``) 
 from __future__ import annotations
 
 import argparse
+import json
 import asyncio
 import contextlib
 import logging
@@ -554,7 +555,26 @@ def make_app(hub: Hub) -> Any:
             if not self.can_read(account):
                 return
             limit = min(int(self.get_query_argument("limit", "200")), 1000)
-            children = await hub.db["child_orders"].find({"account": account}).to_list(limit)
+            # The orders routed to this account: children of the router's plans (one per order the
+            # account received: direct, group member or copy-trade follower), with the status the
+            # router knows of (REJECTED / PENDING_CANCEL are in child_orders; else routed).
+            status = {d["_id"]: d for d in await hub.db["child_orders"].find({"account": account}).to_list(limit)}
+            children = []
+            plans = hub.db["orders"].find({"children": {"$elemMatch": {"account": account}}},
+                                          {"children": 1, "received_ns": 1, "dialect": 1})
+            for plan in await plans.to_list(limit):
+                for c in plan.get("children") or []:
+                    if c.get("account") != account:
+                        continue
+                    body = json.loads(c["body"]) if c.get("body") else {}
+                    known = status.pop(c.get("order_id"), {})
+                    children.append({**{k: body.get(k) for k in ("symbol", "exchange", "direction", "offset",
+                                                                 "price", "volume", "strategy_id")},
+                                     "_id": c.get("order_id"), "parent_id": plan["_id"], "account": account,
+                                     "status": known.get("status") or ("REJECTED" if c.get("error") else "ROUTED"),
+                                     "reason": known.get("reason") or c.get("error") or "",
+                                     "updated_ns": known.get("updated_ns") or plan.get("received_ns")})
+            children.extend(status.values())
             incoming = await hub.db["orders"].find({"routing_key": account}, {"children.body": 0}).to_list(limit)
             children.sort(key=lambda x: x.get("updated_ns") or 0, reverse=True)
             incoming.sort(key=lambda x: x.get("received_ns") or 0, reverse=True)

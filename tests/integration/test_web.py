@@ -189,6 +189,10 @@ def test_rest_endpoints_return_the_documents(web: Web, mongo_db: Any) -> None:
     mongo_db["accounts"].insert_one({"_id": "acc2", "account_cookie": "acc2", "accounts": {"balance": 7.0}})
     mongo_db["child_orders"].insert_one({"_id": "c1", "account": "acc1", "status": "NOTTRADED", "updated_ns": 1})
     mongo_db["orders"].insert_one({"_id": "p1", "routing_key": "acc1", "state": "routed", "received_ns": 1})
+    child = {"symbol": "rb2605", "exchange": "SHFE", "direction": "BUY", "offset": "OPEN", "price": 3900.0, "volume": 1}
+    mongo_db["orders"].insert_one({"_id": "p2", "routing_key": "lead", "state": "routed", "received_ns": 2,
+                                   "children": [{"order_id": "p2/f/acc1", "account": "acc1",
+                                                 "body": json.dumps(child)}]})
     mongo_db["follower_rules"].insert_one({"_id": "r-1", "rule_id": "r-1", "leader": "acc1", "follower": "acc2"})
     mongo_db["account_state"].insert_one({"_id": "acc1", "reduce_only": True, "reason": "margin"})
     BarStore(mongo_db).write([Bar(symbol="rb2605", exchange="SHFE", freq="1min", datetime=T0 - 500 + 60_000 * i,
@@ -203,7 +207,10 @@ def test_rest_endpoints_return_the_documents(web: Web, mongo_db: Any) -> None:
     assert web.get("/api/accounts/acc2", acc1)[0] == 403
     assert web.get("/api/accounts/nope", admin)[0] == 404
     st, orders = web.get("/api/orders?account=acc1", acc1)
-    assert st == 200 and orders["orders"][0]["_id"] == "c1" and orders["incoming"][0]["_id"] == "p1"
+    assert st == 200 and {o["_id"] for o in orders["orders"]} == {"c1", "p2/f/acc1"}
+    assert orders["incoming"][0]["_id"] == "p1"
+    routed = next(o for o in orders["orders"] if o["_id"] == "p2/f/acc1")
+    assert routed["status"] == "ROUTED" and routed["symbol"] == "rb2605" and routed["parent_id"] == "p2"
     st, bars = web.get("/api/bars?symbol=rb2605&exchange=SHFE&freq=1min&count=3", acc1)
     assert st == 200 and len(bars["bars"]) == 3 and bars["bars"][-1]["datetime"] == T0 - 500 + 4 * 60_000
     assert web.get("/api/bars?symbol=rb2605&count=2", acc1)[1]["exchange"] == "SHFE"   # exchange from the product
