@@ -64,7 +64,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="port (default 8010; QA_WEB_PORT; 0 = any free port, printed at start)")
     parser.add_argument("--namespace", default=None, help="name prefix (tests); default QA_NAMESPACE or none")
     parser.add_argument("--interval", type=float, default=0.1, help="batch interval in seconds (default 0.1)")
-    parser.add_argument("--max-changes", type=int, default=50, help="send a batch at this many changes (default 50)")
+    parser.add_argument("--max-changes", type=int, default=2000,
+                        help="send a batch early at this many distinct pending fields (default 2000; a field "
+                             "changed again before the batch leaves counts once)")
+    parser.add_argument("--deflate", action=argparse.BooleanOptionalAction,
+                        default=os.environ.get("QA_WEB_DEFLATE", "1") not in ("0", "false", "no"),
+                        help="offer permessage-deflate on /ws (default on; QA_WEB_DEFLATE=0 turns it off)")
     parser.add_argument("--drop-after", type=float, default=5.0,
                         help="close a client whose previous message is unwritten after this many seconds")
     parser.add_argument("--queue-max", type=int, default=10_000, help="x-max-length of the live tick queue")
@@ -81,8 +86,12 @@ class Metrics:
         self.rejected = Counter("qaflow_web_rejected", "POST /api/orders refused (validation or auth)", registry=r)
         self.ws_clients = Gauge("qaflow_web_ws_clients", "connected WebSocket clients", registry=r)
         self.dropped = Counter("qaflow_web_dropped_clients", "clients closed for being too slow", registry=r)
-        self.sent_messages = Counter("qaflow_web_ws_messages_sent", "rtn_data messages sent", registry=r)
-        self.sent_bytes = Counter("qaflow_web_ws_bytes_sent", "bytes of rtn_data messages sent", registry=r)
+        self.sent_messages = Counter("qaflow_web_ws_messages_sent", "rtn_data messages sent", ["mode"], registry=r)
+        self.sent_bytes = Counter("qaflow_web_ws_bytes_sent", "bytes of rtn_data JSON sent (before compression)",
+                                  ["mode"], registry=r)
+        self.wire_bytes = Counter("qaflow_web_ws_wire_bytes_sent",
+                                  "bytes written to WebSocket sockets (frames, after permessage-deflate if agreed)",
+                                  ["mode", "deflate"], registry=r)
         self.coalesced = Counter("qaflow_web_coalesced", "changes overwritten before they were sent", registry=r)
         self.lag = Histogram("qaflow_web_tick_lag_seconds", "tick publish -> web consume (tick ts to now)",
                              buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10), registry=r)
@@ -93,7 +102,7 @@ class Metrics:
 class Client:
     """One WebSocket connection as the hub sees it (the handler is a thin shell around it)."""
 
-    __slots__ = ("handler", "state", "full", "accounts_token", "closed", "__weakref__")
+    __slots__ = ("handler", "state", "full", "accounts_token", "closed", "deflate", "__weakref__")
 
     def __init__(self, handler: Any, state: ClientState) -> None:
         self.handler = handler
@@ -101,6 +110,7 @@ class Client:
         self.full = False        # "mode": "full": whole quotes every time (baseline, simple clients)
         self.accounts_token: str | None = None
         self.closed = False
+        self.deflate = False     # permessage-deflate agreed with this client
 
 
 def resolve_instrument(word: str) -> tuple[str, str]:
@@ -126,13 +136,15 @@ def resolve_instrument(word: str) -> tuple[str, str]:
 class Hub:
     """State shared by every handler: clients, subscriptions, the quote book, AMQP and MongoDB."""
 
-    def __init__(self, settings: Any, topo: Any, tokens: Tokens, *, interval: float = 0.1, max_changes: int = 50,
-                 drop_after: float = 5.0, queue_max: int = 10_000, mongo_timeout_ms: int = 2000) -> None:
+    def __init__(self, settings: Any, topo: Any, tokens: Tokens, *, interval: float = 0.1, max_changes: int = 2000,
+                 drop_after: float = 5.0, queue_max: int = 10_000, mongo_timeout_ms: int = 2000,
+                 deflate: bool = True) -> None:
         self.settings = settings
         self.topo = topo
         self.tokens = tokens
         self.interval, self.max_changes, self.drop_after = interval, max_changes, drop_after
         self.queue_max = queue_max
+        self.deflate = deflate
         self.metrics = Metrics()
         self.book = QuoteBook()
         self.clients: dict[Client, None] = {}
@@ -357,8 +369,9 @@ class Hub:
                 continue
             tree, origin = got
             data = _json.encode(rtn_data(tree, origin)).decode()
-            self.metrics.sent_messages.inc()
-            self.metrics.sent_bytes.inc(len(data))
+            mode = "full" if c.full else "diff"
+            self.metrics.sent_messages.labels(mode).inc()
+            self.metrics.sent_bytes.labels(mode).inc(len(data))
             if st.coalesced:
                 self.metrics.coalesced.inc(st.coalesced)
                 st.coalesced = 0
@@ -680,7 +693,20 @@ def make_app(hub: Hub) -> Any:
             # a bounded kernel send buffer too, so a stalled reader is noticed in seconds
             with contextlib.suppress(Exception):
                 self.ws_connection.stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
-            self.client = hub.add_client(self)
+            self.client = c = hub.add_client(self)
+            conn = self.ws_connection
+            c.deflate = getattr(conn, "_compressor", None) is not None
+            stream = getattr(conn, "stream", None)
+            if stream is not None:   # count what reaches the socket (frames, compressed or not)
+                write = stream.write
+                wire = hub.metrics.wire_bytes
+                defl = "1" if c.deflate else "0"
+
+                def counted(data: Any, *a: Any, **kw: Any) -> Any:
+                    wire.labels("full" if c.full else "diff", defl).inc(len(data))
+                    return write(data, *a, **kw)
+
+                stream.write = counted
             tok = self.get_query_argument("token", None)
             if tok:
                 self.client.accounts_token = tok
@@ -709,6 +735,11 @@ def make_app(hub: Hub) -> Any:
 
         def on_close(self) -> None:
             asyncio.ensure_future(hub.remove_client(self.client))
+
+        def get_compression_options(self) -> dict[str, Any] | None:
+            # permessage-deflate when the client offers it (browsers do): zlib level 6, a 32 KiB
+            # window kept across messages (context takeover: field names and values repeat)
+            return {"compression_level": 6, "mem_level": 8} if hub.deflate else None
 
     class Index(Base):
         def get(self) -> None:
@@ -751,7 +782,7 @@ async def serve(args: argparse.Namespace, *, stop: asyncio.Event | None = None,
         raise ConfigError(str(exc)) from None
     topo = Topology(settings.namespace if args.namespace is None else args.namespace)
     hub = Hub(settings, topo, tokens, interval=args.interval, max_changes=args.max_changes,
-              drop_after=args.drop_after, queue_max=args.queue_max)
+              drop_after=args.drop_after, queue_max=args.queue_max, deflate=args.deflate)
     try:
         await hub.start()
     except NotConnected as exc:

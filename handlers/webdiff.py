@@ -11,7 +11,7 @@ own copy of the tree (a recursive dict merge, latest value wins).
   which returns the fields that changed (all of them for the first tick of an instrument).
 * :class:`ClientState` -- one client's pending patch: changes are merged into it
   (coalesced: the latest value of a field wins), :meth:`ClientState.take` hands out a
-  batch when ``max_changes`` changes are waiting or ``interval`` seconds have passed since
+  batch when ``max_changes`` distinct leaves are waiting or ``interval`` seconds have passed since
   the last batch, and only when the previous message has been written (one message in
   flight per client). A client whose previous message is still unwritten after
   ``drop_after`` seconds, or whose pending tree exceeds ``max_pending`` entries, is to be
@@ -60,10 +60,13 @@ def instrument_key(exchange: str, symbol: str) -> str:
 
 
 def _num(x: float) -> float | int:
-    # integers travel without ".0" (volumes, prices on integer ticks): fewer bytes, same value
-    if x == x and abs(x) < 1e15 and x == int(x):
-        return int(x)
-    return x
+    """Compact numbers: integers travel without ``.0`` (volumes, prices on integer ticks) and
+    binary-float noise is cut (``3891.7999999999997`` -> ``3891.8``: 6 decimals are kept, far
+    below any tick size); the book, the diffs and the full quotes all hold the same value."""
+    if x != x or abs(x) >= 1e15:
+        return x
+    r = round(x, 6)
+    return int(r) if r == int(r) else r
 
 
 def quote_of(tick: Any) -> dict[str, Any]:
@@ -129,7 +132,8 @@ class ClientState:
     from whatever monotonic clock the caller passes)."""
 
     interval: float = 0.1         # send at most this long after the first pending change
-    max_changes: int = 50         # ... or as soon as this many field changes are waiting
+    max_changes: int = 2000       # ... or as soon as this many distinct leaves are waiting (coalesced
+                                  # changes do not count: 10 ticks of one instrument are one diff)
     drop_after: float = 5.0       # previous message still unwritten this long -> drop
     max_pending: int = 100_000    # distinct pending leaves (bounded memory) -> drop
     pending: dict[str, Any] = field(default_factory=dict)
@@ -160,7 +164,7 @@ class ClientState:
         """A batch should go now (if the client can take it)."""
         if not self.pending:
             return False
-        if self.urgent or self.changes >= self.max_changes:
+        if self.urgent or self.leaves >= self.max_changes:
             return True
         return self.first_change_at is not None and now - self.first_change_at >= self.interval - 1e-9
 

@@ -143,3 +143,65 @@ def test_no_token_configured_means_open_reads_only() -> None:
 def test_bad_token_settings_are_refused(env: dict[str, str]) -> None:
     with pytest.raises(TokenError):
         Tokens.from_env(env)
+
+
+# ---------------------------------------------------------------------------- compactness and the invariant
+def test_numbers_are_compact_but_exact_enough() -> None:
+    q = quote_of(tick(3891.8, bid_price_1=3891.8 - 0.2, ask_price_1=0.1 + 0.2))
+    assert q["bid_price1"] == 3891.6 and q["ask_price1"] == 0.3          # no binary-float noise
+    assert quote_of(tick(turnover=1234567890.125))["amount"] == 1234567890.125
+    assert quote_of(tick(volume=12.0))["volume"] == 12 and isinstance(quote_of(tick(volume=12.0))["volume"], int)
+
+
+def test_coalesced_changes_of_one_instrument_do_not_send_early() -> None:
+    st = ClientState(interval=0.1, max_changes=50)
+    for p in range(200):                                   # 200 ticks of one instrument within 100 ms
+        st.add({"quotes": {"A": {"last_price": p, "volume": p}}}, now=1.0 + p * 1e-4)
+        assert st.take(1.0 + p * 1e-4) is None              # 2 distinct fields: not a reason to send
+    tree, _ = st.take(1.1)
+    assert tree == {"quotes": {"A": {"last_price": 199, "volume": 199}}}   # one diff, latest values
+
+
+@pytest.mark.parametrize("depth", [1, 5])
+def test_a_client_applying_the_diffs_ends_with_exactly_the_full_quote(depth: int) -> None:
+    """The invariant of the incremental stream: first message full, then batched and coalesced
+    diffs (some batches held back as if the client were slow), merged DIFF-style by the client,
+    give exactly the server's full quote -- which is quote_of(the latest tick) -- at every batch."""
+    import json
+    import random
+
+    rng = random.Random(depth)
+    book, st, client = QuoteBook(), ClientState(interval=0.1, max_changes=40), {}
+    keys = [f"SHFE.rb26{i:02d}" for i in range(8)]
+    last: dict[str, Tick] = {}
+    price = {k: 3900.0 + 7 * i for i, k in enumerate(keys)}
+    now = 0.0
+    for n in range(3000):
+        k = rng.choice(keys)
+        price[k] += rng.choice((-0.2, 0.0, 0.2))
+        p = price[k]
+        lv: dict[str, float] = {"bid_price_1": p - 0.2, "ask_price_1": p + 0.2, "bid_volume_1": rng.randint(1, 9)}
+        if depth == 5:
+            lv |= {f"ask_volume_{i}": float(rng.randint(0, 30)) for i in range(2, 6)}
+            lv |= {f"bid_price_{i}": p - 0.2 * i for i in range(2, 6)}
+        t = tick(p, symbol=k.split(".")[1], datetime=T0 + 500 * n, volume=n, turnover=n * p * 10.0 + 0.1,
+                 open_interest=1000.0 + rng.randint(-3, 3), **lv)
+        last[k] = t
+        changed = book.update(k, quote_of(t))
+        if changed:
+            st.add({"quotes": {k: changed}}, now, changes=len(changed), origin_ns=n)
+        now += rng.choice((0.0, 0.001, 0.02))
+        if rng.random() < 0.7 and st.in_flight_since is not None:
+            st.written()                                       # sometimes the client lags a while
+        got = st.take(now)
+        if got is not None:
+            wire = json.loads(json.dumps(rtn_data(*got)))    # what the client really gets
+            for patch in wire["data"]:
+                merge(client, patch)
+            for key, q in client["quotes"].items():
+                if key not in st.pending.get("quotes", {}):
+                    assert q == book.get(key) == quote_of(last[key])
+    st.written()
+    if st.pending:
+        merge(client, json.loads(json.dumps(st.take(now + 1)[0])))
+    assert client["quotes"] == {k: quote_of(last[k]) for k in last} == book.quotes
