@@ -71,3 +71,9 @@ faults: servers
 	@rm -f .qaflow/faults/results.jsonl
 	@$(WITH_SERVERS) $(BIN)/python -m pytest -q tests/faults -m "integration or faults" $(PYTEST_ARGS); rc=$$?; \
 	  $(BIN)/python scripts/faults_table.py --write docs/reliability.md; exit $$rc
+
+# Soak (not in CI): the whole platform at 80 % of the tick pipeline's measured maximum for SOAK_MINUTES (10),
+# or SOAK_RATE ticks/s; RSS, queue depths, broker memory every 10 s; writes docs/reliability.md "## Soak".
+.PHONY: soak
+soak: servers
+	@$(WITH_SERVERS) $(BIN)/python scripts/soak.py --minutes $(or $(SOAK_MINUTES),10) $(if $(SOAK_RATE),--rate $(SOAK_RATE),) --write docs/reliability.md

@@ -599,9 +599,18 @@ def check_all(platform: Platform, topo: Any, load: Load, db: Any, mon: Monitor,
         miss = [m for m in closed if not ({m - 1, m, m + 1} & have)]
         if miss:
             v.fail(f"{ex}.{sym}: {len(miss)} closed minutes without a stored 1min bar", len(miss))
+    check_orders_and_fills(v, db, load.orders, mon)
+    dead = {n: c for n, c in platform.dead().items()}
+    if dead:
+        v.fail(f"daemons exited: {dead}")
+    return v
+
+
+def check_orders_and_fills(v: Verdict, db: Any, orders: list[str], mon: Monitor) -> None:
+    """Orders routed once, each accepted child at its executor once, fills counted once (``mon`` drained)."""
     # orders: every confirmed order handled once; every accepted child reached its executor once
-    recs = {d["_id"]: d for d in db.orders.find({"_id": {"$in": load.orders}})}
-    lost_orders = [o for o in load.orders if o not in recs or recs[o].get("state") not in ("routed", "rejected")]
+    recs = {d["_id"]: d for d in db.orders.find({"_id": {"$in": list(orders)}})}
+    lost_orders = [o for o in orders if o not in recs or recs[o].get("state") not in ("routed", "rejected")]
     if lost_orders:
         v.fail(f"{len(lost_orders)} orders not routed: {lost_orders[:3]}", len(lost_orders))
     accepted: dict[str, str] = {}   # child order id -> message id
@@ -663,10 +672,6 @@ def check_all(platform: Platform, topo: Any, load: Load, db: Any, mon: Monitor,
         traded = float((d.get("order") or d).get("traded", d.get("traded", 0)) or 0)
         if traded and abs(traded - filled_sim.get(oid, 0)) > 1e-9:
             v.fail(f"sim order {oid}: traded {traded} != fills on the bus {filled_sim.get(oid, 0)}")
-    dead = {n: c for n, c in platform.dead().items()}
-    if dead:
-        v.fail(f"daemons exited: {dead}")
-    return v
 
 
 @pytest.fixture
