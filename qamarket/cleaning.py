@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Final
 
 from .models import UNSET_PRICE, InstrumentSpec, Tick
@@ -36,6 +36,9 @@ _PRICE_FIELDS = (
     "open_price", "high_price", "low_price", "pre_close", "pre_settlement", "limit_up", "limit_down",
     *(f"{side}_price_{i}" for side in ("bid", "ask") for i in range(1, 6)),
 )
+
+
+_price_values = __import__("operator").attrgetter(*_PRICE_FIELDS)
 
 
 def _key(t: Tick) -> tuple[object, ...]:
@@ -73,21 +76,45 @@ class TickCleaner:
         self._last: Tick | None = None
         self._last_key: tuple[object, ...] | None = None
         self._day_ok: dict[int, bool] = {}
+        self._ok_minute = -1  # a minute (epoch ms // 60000) known to be in session (pure: template + calendar)
 
     def check(self, tick: Tick, now: int | None = None) -> str | None:
-        """``None`` if ``tick`` is kept (and becomes the reference for the next), else the drop reason."""
-        reason = self._reason(tick, now)
-        if reason is None:
-            self.kept += 1
-            self._last = tick
-            self._last_key = _key(tick)
-            if self.normalize:
-                for f in _PRICE_FIELDS:
-                    if getattr(tick, f) >= UNSET_PRICE:
-                        setattr(tick, f, 0.0)
+        """``None`` if ``tick`` is kept (and becomes the reference for the next), else the drop reason.
+
+        Hot path (the common case: valid price, newer than the last kept tick, in the same minute
+        as the last tick that passed the session check, nothing to normalise): a handful of
+        attribute reads and no session lookup; everything else goes through :meth:`_reason`.
+        """
+        p = tick.last_price
+        t = tick.datetime
+        last = self._last
+        if (0.0 < p < UNSET_PRICE and last is not None and t > last.datetime and self.max_age_ms is None
+                and (not self.check_sessions or t // MS_MIN == self._ok_minute)):
+            reason = None
         else:
-            self.dropped[reason] += 1
-        return reason
+            reason = self._reason(tick, now)
+            if reason is not None:
+                self.dropped[reason] += 1
+                return reason
+        self.kept += 1
+        self._last = tick
+        if self.normalize:
+            # Normalising would change bid/ask_price_1 (part of the duplicate key): keep the key of the
+            # tick as received. Otherwise the key is read from ``_last`` only when needed (same ms).
+            vals = _price_values(tick)
+            if not (max(vals) < UNSET_PRICE):  # an unset price (or a NaN: checked field by field)
+                self._last_key = _key(tick) if (tick.bid_price_1 >= UNSET_PRICE or tick.ask_price_1 >= UNSET_PRICE) else None
+                for f, v in zip(_PRICE_FIELDS, vals):
+                    if v >= UNSET_PRICE:
+                        setattr(tick, f, 0.0)
+                return None
+        self._last_key = None
+        return None
+
+    def check_many(self, ticks: Sequence[Tick]) -> list[str | None]:
+        """:meth:`check` of every tick, in order (one call per batch of one instrument)."""
+        check = self.check
+        return [check(t) for t in ticks]
 
     def clean(self, tick: Tick, now: int | None = None) -> Tick | str:
         """The tick if kept, else the drop reason (a ``str``)."""
@@ -103,28 +130,37 @@ class TickCleaner:
         if last is not None:
             if t < last.datetime:
                 return OUT_OF_ORDER
-            if _key(tick) == self._last_key:
-                return DUPLICATE
-            if t == last.datetime and tick.volume < last.volume:
-                return OUT_OF_ORDER
+            if t == last.datetime:
+                if _key(tick) == (self._last_key or _key(last)):
+                    return DUPLICATE
+                if tick.volume < last.volume:
+                    return OUT_OF_ORDER
         if self.max_age_ms is not None:
             if now is None and self.clock is not None:
                 now = self.clock()
             if now is not None and now - t > self.max_age_ms:
                 return STALE
         if self.check_sessions:
-            mod = t // MS_MIN % 1440
-            tpl = self._tpl
-            if tpl.phase[mod] is Phase.CLOSED and not (tpl.grace_end[mod] and t % MS_MIN < END_GRACE_MS):
-                return OUTSIDE_SESSION
-            hour_key = t // 3_600_000
-            ok = self._day_ok.get(hour_key)
-            if ok is None:
-                if len(self._day_ok) > 1024:
-                    self._day_ok.clear()
-                ok = self._day_ok[hour_key] = self.calendar.is_session_day(t)
-            if not ok:
-                return OUTSIDE_SESSION
+            minute = t // MS_MIN
+            if minute != self._ok_minute:
+                mod = minute % 1440
+                tpl = self._tpl
+                if tpl.phase[mod] is Phase.CLOSED:
+                    if not (tpl.grace_end[mod] and t % MS_MIN < END_GRACE_MS):
+                        return OUTSIDE_SESSION
+                    grace = True  # only the first END_GRACE_MS of this minute pass: do not cache it
+                else:
+                    grace = False
+                hour_key = t // 3_600_000
+                ok = self._day_ok.get(hour_key)
+                if ok is None:
+                    if len(self._day_ok) > 1024:
+                        self._day_ok.clear()
+                    ok = self._day_ok[hour_key] = self.calendar.is_session_day(t)
+                if not ok:
+                    return OUTSIDE_SESSION
+                if not grace:
+                    self._ok_minute = minute  # every tick of this minute is in session: skip the lookup
         return None
 
     def save(self) -> tuple[Any, Any]:
