@@ -77,7 +77,9 @@ def check_cluster(topo: Topology, nodes: list[dict[str, Any]], found: dict[str, 
 
     Only when the broker is a cluster (more than one node). A quorum queue with fewer online
     members than nodes, or whose leader is down, is a WARN; a tick shard without a consumer is
-    a WARN (its ticks wait), one whose classic queue lives on a stopped node is a FAIL."""
+    a WARN (its ticks wait), one whose classic queue lives on a stopped node is a FAIL (a quorum
+    shard whose leader is down is a WARN: it elects another); a classic qa.dead / qa.unroutable on
+    a stopped node is a WARN."""
     if len(nodes) < 2:
         return []
     running = sorted(n["name"] for n in nodes if n.get("running"))
@@ -104,14 +106,31 @@ def check_cluster(topo: Topology, nodes: list[dict[str, Any]], found: dict[str, 
     shards = sorted((int(n[len(prefix):]), q) for n, q in found.items()
                     if n.startswith(prefix) and n[len(prefix):].isdigit())
     for i, q in shards:
-        node = q.get("node") or q.get("leader")
+        quorum_shard = q.get("type") == "quorum"
+        node = q.get("leader") if quorum_shard else (q.get("node") or q.get("leader"))
         who = active.get(q["name"], [])
-        status = FAIL if node not in running else (WARN if not q.get("consumers") else OK)
-        out.append(Check(status, f"tick shard {i} ({q['name']!r}) on {node}: {q.get('consumers', 0)} consumers"
+        if node not in running:
+            # a classic shard waits for its one node (ticks routed to it meanwhile are lost); a quorum
+            # shard only needs a majority of its replicas and elects another leader
+            status = WARN if quorum_shard else FAIL
+        else:
+            status = WARN if not q.get("consumers") else OK
+        hint = (f"leader {node} is down: a new leader is elected while a majority of replicas is up"
+                if quorum_shard else
+                f"its node {node} is down: the shard waits for it (classic queue; ticks routed to it are lost); "
+                "start the node, and redeclare the shard queues as quorum queues (docs/scaling.md)")
+        if node in running:
+            hint = f"start a tickhandler: qaflow tickhandler --shard {i} --shards {len(shards)}" if status == WARN else ""
+        kind = "quorum" if quorum_shard else "classic"
+        out.append(Check(status, f"tick shard {i} ({q['name']!r}, {kind}) on {node}: {q.get('consumers', 0)} consumers"
                                  + (f" [{'; '.join(who)}]" if who else "") + f", {q.get('messages', 0)} ticks waiting",
-                         {FAIL: f"its node {node} is down: the shard waits for it (classic queue); start the node",
-                          WARN: f"start a tickhandler: qaflow tickhandler --shard {i} --shards {len(shards)}",
-                          OK: ""}[status]))
+                         hint))
+    # classic platform queues (dead letters, unroutable orders) live on one node each
+    for base in ("qa.dead", "qa.unroutable"):
+        q = found.get(topo.name(base))
+        if q and q.get("type") != "quorum" and q.get("node") and q["node"] not in running:
+            out.append(Check(WARN, f"{q['name']!r} (classic) is on {q['node']}, which is down",
+                             "dead letters / unroutable orders routed there meanwhile are not kept; start the node"))
     return out
 
 

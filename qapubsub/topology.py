@@ -124,9 +124,11 @@ class Topology:
         # (destination, source, key): exchange-to-exchange bindings
         self.exchange_bindings: tuple[tuple[str, str, str], ...] = ((self.tick_shards, self.tick, keys.ALL),)
         # Queues that must exist even while their consumer is down, so nothing is lost.
-        self.dead_letters = Queue(n("qa.dead"), arguments={"x-queue-mode": "lazy"},
+        # Quorum, like the commands: a dead letter or a parked order must survive the loss of a node.
+        self.dead_letters = Queue(n("qa.dead"), arguments={"x-queue-type": "quorum"},
                                   bindings=(Binding(self.dlx, ""),))
-        self.unroutable_queue = Queue(n("qa.unroutable"), bindings=(Binding(self.unroutable, ""),))
+        self.unroutable_queue = Queue(n("qa.unroutable"), arguments={"x-queue-type": "quorum"},
+                                      bindings=(Binding(self.unroutable, ""),))
         self.router_orders = self.command_queue(n("qa.router.orders"), Binding(self.order, keys.ALL))
         self.router_risk = self.command_queue(n("qa.router.risk"), Binding(self.risk, keys.ALL))
         self.tickhandler = self.tick_queue(0)
@@ -165,13 +167,19 @@ class Topology:
                      arguments={"x-max-length": max_length, "x-overflow": "drop-head"}, bindings=tuple(bindings))
 
     def tick_queue(self, shard: int) -> Queue:
-        """Tickhandler shard ``shard``: durable, one active consumer at a time (others stand by), bound
-        to the consistent-hash exchange with weight 1, so every instrument stays on one shard, in order."""
+        """Tickhandler shard ``shard``: a quorum queue (replicated: on a cluster it survives the loss of a
+        node, and ticks routed to it while a node is down are kept; on one node it costs about what a
+        durable classic queue does on the tick path, see docs/scaling.md), one active consumer at a time
+        (others stand by), bound to the consistent-hash exchange with weight 1, so every instrument
+        stays on one shard, in order. No ``x-delivery-limit``: a database outage requeues whole batches
+        again and again (BatchConsumer, ``Transient``) and must never dead-letter good ticks; poison
+        ticks are dead-lettered by the consumer itself, with a reason."""
         if shard < 0:
             raise ValueError("shard must be >= 0")
-        q = self.durable_queue(self.name(f"qa.tickhandler.{shard}"), Binding(self.tick_shards, "1"))
-        q.arguments["x-single-active-consumer"] = True
-        return q
+        return Queue(self.name(f"qa.tickhandler.{shard}"),
+                     arguments={"x-queue-type": "quorum", "x-single-active-consumer": True,
+                                "x-dead-letter-exchange": self.dlx},
+                     bindings=(Binding(self.tick_shards, "1"),))
 
     def exec_queue(self, account: str) -> Queue:
         return self.command_queue(self.name(f"qa.exec.{keys.exec_key(account)}"), Binding(self.exec, keys.exec_key(account)))

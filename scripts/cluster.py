@@ -217,25 +217,77 @@ def write_files(n: Node) -> None:
             os.chown(path, pw.pw_uid, pw.pw_gid)
 
 
-def start_node(n: Node, wait: float = 120) -> bool:
-    """Start the node unless it runs already; True when started now. Waits for AMQP."""
+def port_holders(port: int) -> str:
+    """Who listens on 127.0.0.1:``port`` (pid and command line), for error messages; read-only."""
+    try:
+        out = subprocess.run(["ss", "-Hltnp", f"sport = :{port}"], text=True, capture_output=True, timeout=5).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return "?"
+    return " | ".join(line.split()[-1] for line in out.splitlines() if line.strip()) or "nobody listening now"
+
+
+def _wait_ports_free(n: Node, timeout: float) -> None:
+    """A node that has just stopped can hold its ports a moment longer (its beam exiting, a half-booted
+    previous attempt): wait for them rather than fail at once."""
+    deadline = time.monotonic() + timeout
+    while True:
+        held = [p for p in (n.port, n.dist_port, n.mgmt_port) if port_open(p)]
+        if not held:
+            return
+        if time.monotonic() > deadline:
+            raise ClusterError(f"port(s) {held} still taken after {timeout:.0f} s ({port_holders(held[0])}); "
+                               f"cannot start {n.node}")
+        time.sleep(0.2)
+
+
+def _spawn(n: Node) -> subprocess.Popen[bytes]:
+    write_files(n)
+    log = open(n.dir / "log" / "console.log", "ab")  # noqa: SIM115 - kept by the child
+    proc = subprocess.Popen([f"{SBIN}/rabbitmq-server"], env=_run_env(n), cwd=RABBIT_HOME, stdout=log,
+                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+                            **_as_rabbit())  # type: ignore[call-overload]
+    log.close()
+    say(f"{n.node}: starting (AMQP 127.0.0.1:{n.port}, dist {n.dist_port}, management {n.mgmt_port})")
+    return proc
+
+
+def _log_tail(n: Node, lines: int = 15) -> str:
+    try:
+        text = (n.dir / "log" / "console.log").read_text(errors="replace").splitlines()
+    except OSError:
+        return ""
+    return "\n".join(text[-lines:])
+
+
+def start_node(n: Node, wait: float = 150) -> bool:
+    """Start the node unless it runs already; True when started now. Waits for AMQP.
+
+    Robust to what made rolling restarts fail: the ports of a node that has just stopped are waited
+    for (not an immediate error); a ``rabbitmq-server`` that exits during boot (e.g. it lost the race
+    for a port, or for the node name in epmd, against the exiting previous beam) is started again (3 tries).
+    """
     if node_pid(n) is not None and amqp_ok(n.amqp_url):
         return False
-    if node_pid(n) is None:
-        for port in (n.port, n.dist_port, n.mgmt_port):
-            if port_open(port):
-                raise ClusterError(f"port {port} is taken by another process; cannot start {n.node}")
-        write_files(n)
-        log = open(n.dir / "log" / "console.log", "ab")  # noqa: SIM115 - kept by the child
-        subprocess.Popen([f"{SBIN}/rabbitmq-server"], env=_run_env(n), cwd=RABBIT_HOME, stdout=log,
-                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
-                         **_as_rabbit())  # type: ignore[call-overload]
-        log.close()
-        say(f"{n.node}: starting (AMQP 127.0.0.1:{n.port}, dist {n.dist_port}, management {n.mgmt_port})")
     deadline = time.monotonic() + wait
+    proc = None
+    attempts = 0
+    if node_pid(n) is None:
+        _wait_ports_free(n, timeout=30)
+        proc, attempts = _spawn(n), 1
     while not amqp_ok(n.amqp_url):
+        if proc is not None and proc.poll() is not None and node_pid(n) is None:
+            # rabbitmq-server exited before the node answered: a failed boot
+            tail = _log_tail(n)
+            if attempts >= 3:
+                raise ClusterError(f"{n.node} exited during boot {attempts} times (code {proc.returncode}); "
+                                   f"console log:\n{tail}")
+            say(f"{n.node}: exited during boot (code {proc.returncode}); starting again")
+            time.sleep(1.0)
+            _wait_ports_free(n, timeout=30)
+            proc, attempts = _spawn(n), attempts + 1
         if time.monotonic() > deadline:
-            raise ClusterError(f"{n.node} did not accept AMQP within {wait:.0f} s; see {n.dir / 'log'}")
+            raise ClusterError(f"{n.node} did not accept AMQP within {wait:.0f} s (pid {node_pid(n)}); "
+                               f"console log:\n{_log_tail(n)}")
         time.sleep(0.3)
     return True
 
@@ -253,14 +305,30 @@ def stop_node(n: Node, kill: bool = False, timeout: float = 60) -> bool:
         if r.returncode != 0 and node_pid(n) == pid:
             os.kill(pid, signal.SIGTERM)
         say(f"{n.node}: stopped (pid {pid})")
+    # Wait for the beam process itself, not for the pid file: a node stopped by rabbitmqctl deletes its
+    # pid file while the VM is still shutting down and still listens on its distribution port (a start
+    # in that moment failed with "port 2568N is taken": the rolling-restart failure).
     deadline = time.monotonic() + timeout
-    while node_pid(n) == pid:
+    while _beam_alive(pid):
         if time.monotonic() > deadline:
-            os.kill(pid, signal.SIGKILL)
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                break
         time.sleep(0.1)
-    while port_open(n.port) and time.monotonic() < deadline + 10:
+    while any(port_open(p) for p in (n.port, n.dist_port, n.mgmt_port)) and time.monotonic() < deadline + 10:
         time.sleep(0.1)
     return True
+
+
+def _beam_alive(pid: int) -> bool:
+    """The beam.smp process ``pid`` (one we saw as a node's beam) still exists (and is not a zombie)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    return b"beam" in cmd and stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def running_nodes(n: Node) -> list[str]:

@@ -2,8 +2,10 @@
 
 * kill -9 the node that leads the order queues while orders stream in: every confirmed
   order is routed exactly once, the router resumes on another node; the pause is recorded.
-* stop the node a tick shard's active consumer is connected to: the standby takes the shard
-  over; every tick stored once, every bar published once and equal to a reference aggregation.
+* stop the node a tick shard's active consumer is connected to, which also leads the (quorum) shard
+  queues, while ticks stream: the standby takes the shard over, a new leader is elected; every tick
+  stored once, every bar published and stored once, and equal to a reference aggregation outside the
+  hand-over window (handlers/tickhandler.py's docstring: the documented limit).
 * rolling restart of all three nodes under order load: no loss, no duplicates.
 
 Figures go to ``.qaflow/cluster-results.json`` (and the test output).
@@ -206,8 +208,14 @@ def test_stop_the_node_of_a_tick_shards_consumer_standby_takes_over(cluster: Clu
     from qapubsub.messages import decode
     from qapubsub.sync import Connection, StreamPublisher
 
-    home = "rabbit1@localhost"  # the shard queues (classic) live here; it stays up
-    _declare(cluster.url_of(home), ctopo, [*ctopo.platform_queues, ctopo.tick_queue(0), ctopo.tick_queue(1)])
+    # The node we stop is the one shard 0's queue lives on (classic) or is led from (quorum; RabbitMQ picks
+    # the leader), and A's node; "home" (publisher, dead-letter queue, shard 1's instance) and B's node stay up.
+    _declare(cluster.url_of("rabbit2@localhost"), ctopo, [ctopo.tick_queue(0), ctopo.tick_queue(1)])
+    info0 = cluster.queue(ctopo.tick_queue(0).name)
+    shard_leader = info0.get("leader") or info0.get("node")
+    lost = shard_leader
+    home, other = [n.node for n in cluster.nodes if n.node != lost][:2]
+    _declare(cluster.url_of(home), ctopo, [*ctopo.platform_queues])
     conn = _connect(cluster.url_of(home))
     ch = conn.channel()
     bars_q = f"{ctopo.namespace}test.bars"
@@ -219,20 +227,21 @@ def test_stop_the_node_of_a_tick_shards_consumer_standby_takes_over(cluster: Clu
     logs = {k: tmp_path / f"{k}.log" for k in ("a", "b", "c")}
     args = ("--shards", "2", "--batch-size", "200")
     a = daemons.start("handlers.tickhandler", *args, "--shard", "0",
-                      env=_tick_env(cluster, "rabbit2@localhost", ctopo, mongo_url, mongo_db), log=logs["a"])
+                      env=_tick_env(cluster, lost, ctopo, mongo_url, mongo_db), log=logs["a"])
     procs = [a]
     try:
         q0, q1 = ctopo.tick_queue(0).name, ctopo.tick_queue(1).name
         wait_for(lambda: ch.queue_declare(q0, passive=True).method.consumer_count >= 1, timeout=30,
                  what="instance A consuming shard 0")
         b = daemons.start("handlers.tickhandler", *args, "--shard", "0",
-                          env=_tick_env(cluster, "rabbit3@localhost", ctopo, mongo_url, mongo_db), log=logs["b"])
+                          env=_tick_env(cluster, other, ctopo, mongo_url, mongo_db), log=logs["b"])
         c = daemons.start("handlers.tickhandler", *args, "--shard", "1",
                           env=_tick_env(cluster, home, ctopo, mongo_url, mongo_db), log=logs["c"])
         procs += [b, c]
-        wait_for(lambda: ch.queue_declare(q0, passive=True).method.consumer_count >= 2 and
-                 ch.queue_declare(q1, passive=True).method.consumer_count >= 1, timeout=30,
-                 what="standby B and shard 1 consuming")
+        # (a quorum queue's declare-ok counts only its active single-active consumer: ask the management API)
+        n_consumers = lambda q: len(cluster.queue(q).get("consumer_details") or [])  # noqa: E731
+        wait_for(lambda: n_consumers(q0) >= 2 and n_consumers(q1) >= 1, timeout=30,
+                 what="standby B and shard 1 consuming", interval=0.3)
         pconn = Connection(urls=[cluster.url_of(home)])
         pub = StreamPublisher(pconn, topology=ctopo)
         # split at a minute boundary: the tickhandler's feed clock counts the wall-time pause of the node
@@ -244,7 +253,7 @@ def test_stop_the_node_of_a_tick_shards_consumer_standby_takes_over(cluster: Clu
         pub.flush()
         wait_for(lambda: sum(len(v) for v in _stored(mongo_db).values()) > 0, timeout=30, what="A storing")
         stopped_at = time.time()
-        cluster.stop("rabbit2@localhost")  # A's node: A reconnects elsewhere, B (on rabbit3) takes shard 0
+        cluster.stop(lost)  # A's node: A reconnects elsewhere, B takes shard 0; a quorum shard elects a new leader
         for t in ticks[half:]:
             pub.publish(ctopo.tick, keys.tick_key(t.exchange, t.symbol), t)
         pub.flush()
@@ -252,6 +261,8 @@ def test_stop_the_node_of_a_tick_shards_consumer_standby_takes_over(cluster: Clu
         wait_for(lambda: sum(len(v) for v in _stored(mongo_db).values()) >= total, timeout=90,
                  what="every clean tick stored")
         takeover_s = time.time() - stopped_at
+        info = cluster.queue(q0)
+        new_leader = info.get("leader") or info.get("node")
         wait_for(lambda: all(ch.queue_declare(q, passive=True).method.message_count == 0 for q in (q0, q1)),
                  timeout=30, what="shards drained")
         # the last bars close by the timer
@@ -285,17 +296,30 @@ def test_stop_the_node_of_a_tick_shards_consumer_standby_takes_over(cluster: Clu
         for bar in agg.on_tick(t):
             if bar.final:
                 ref[f"bar.1min.{bar.exchange}.{bar.symbol}.{bar.datetime}"] = bar
+    ohlcv = ("open", "high", "low", "close", "volume")
     wrong = [k for k, bar in ref.items() if k in db_bars and
-             (db_bars[k]["open"], db_bars[k]["high"], db_bars[k]["low"], db_bars[k]["close"], db_bars[k]["volume"])
-             != (bar.open, bar.high, bar.low, bar.close, bar.volume)]
+             tuple(db_bars[k][f] for f in ohlcv) != tuple(getattr(bar, f) for f in ohlcv)]
+    # The hand-over window (the minute the shard changed hands and its neighbours) may differ: a bar closed
+    # and published before the requeued ticks came back keeps what it had (handlers/tickhandler.py's
+    # docstring; the take-over hold makes it rare). Every other bar must equal the reference exactly.
+    handover = ticks[half].datetime // 60_000 * 60_000
+    window = {handover - 60_000, handover, handover + 60_000}
+    wrong_outside = [k for k in wrong if db_bars[k]["datetime"] not in window]
+    missing_bars = sorted(set(ref) - set(db_bars))
     received = {k: _received(lg) for k, lg in logs.items()}
-    record("tick_shard_consumer_node_stop", takeover_and_drain_s=round(takeover_s, 2), bars=len(ids),
-           same_id_bar_republishes=dup, wrong_bars=len(wrong), received=received, ticks=len(ticks))
+    record("tick_shard_consumer_node_stop", shard_queues="quorum" if ctopo.tick_queue(0).quorum else "classic",
+           shard_leader_before=shard_leader, shard_leader_after=new_leader,
+           takeover_and_drain_s=round(takeover_s, 2), bars=len(ids),
+           same_id_bar_republishes=dup, wrong_bars=len(wrong), wrong_bars_outside_handover=len(wrong_outside),
+           missing_bars=len(missing_bars), received=received, ticks=len(ticks))
     assert received["b"] > 0, received  # the standby took over
-    detail = [(k, {f: db_bars[k][f] for f in ("open", "high", "low", "close", "volume")},
-               {f: getattr(ref[k], f) for f in ("open", "high", "low", "close", "volume")}) for k in wrong[:3]]
-    assert not wrong, f"{len(wrong)} 1-min bars differ from a single-process aggregation: {detail}"
-    assert dup <= 200
+    if ctopo.tick_queue(0).quorum:
+        assert new_leader != lost, f"shard 0 still led by the stopped node {lost}"
+    detail = [(k, {f: db_bars[k][f] for f in ohlcv}, {f: getattr(ref[k], f) for f in ohlcv}) for k in wrong[:3]]
+    assert not wrong_outside, f"{len(wrong_outside)} 1-min bars outside the hand-over differ from a " \
+                              f"single-process aggregation: {detail}"
+    assert not missing_bars, f"bars of the reference never stored: {missing_bars[:5]}"
+    assert dup == 0, f"{dup} bars published more than once: {[m for m, n in ids.items() if n > 1][:5]}"
 
 
 def _received(log: Path) -> int:
@@ -305,6 +329,25 @@ def _received(log: Path) -> int:
     return int(m[-1]) if m else 0
 
 
+def _diagnose(cluster: Cluster, topo: Topology, stream: OrderStream, reader: Reader, log: Path,
+              queues: list[str]) -> str:
+    """Why confirmed orders are missing: which, where they wait (queue depths), and the router's log."""
+    confirmed = [oid for oid, _ in stream.confirmed]
+    routed = {_parent(b) for _m, b, _t in reader.got}
+    missing = [oid for oid in confirmed if oid not in routed]
+    depth = {}
+    for q in queues:
+        try:
+            info = cluster.queue(q)
+            depth[q] = {k: info.get(k) for k in ("messages_ready", "messages_unacknowledged", "consumers", "leader")}
+        except Exception as exc:  # noqa: BLE001
+            depth[q] = repr(exc)
+    lines = [ln for ln in log.read_text().splitlines() if any(w in ln for w in ("WARNING", "ERROR", "connected"))]
+    return (f"{len(missing)} of {len(confirmed)} confirmed orders not routed (first {missing[:5]}, last {missing[-3:]}); "
+            f"queues {depth}; events {cluster.events}; router log:\n" + "\n".join(lines[-40:]))
+
+
+@pytest.mark.timeout(480)
 def test_rolling_restart_of_all_three_nodes_under_order_load(cluster: Cluster, ctopo: Topology, mongo_url: str,
                                                               mongo_db: Any, tmp_path: Path) -> None:
     exec_q = ctopo.exec_queue(ACCOUNT)
@@ -329,8 +372,11 @@ def test_rolling_restart_of_all_three_nodes_under_order_load(cluster: Cluster, c
             pauses[n.name] = round(_largest_gap([t for _m, _b, t in reader.got if t <= time.time()], t0), 2)
         stream.join(120)
         assert not stream.is_alive()
-        wait_for(lambda: len({_parent(b) for _m, b, _t in reader.got}) >= len(stream.confirmed), timeout=90,
-                 what="every confirmed order routed")
+        try:
+            wait_for(lambda: len({_parent(b) for _m, b, _t in reader.got}) >= len(stream.confirmed), timeout=90,
+                     what="every confirmed order routed")
+        except AssertionError:
+            raise AssertionError(_diagnose(cluster, ctopo, stream, reader, log, [*quorum, exec_q.name])) from None
         assert router.poll() is None, log.read_text()[-3000:]
         figures = _check_orders(stream, reader)
         figures.update(largest_gap_per_restart_s=pauses, worst_publish_confirm_s=round(stream.worst_confirm, 2),
