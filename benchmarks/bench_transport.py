@@ -362,7 +362,7 @@ def run() -> dict[str, Any]:
     figs.append(figure("consume.qapubsub_aio_batched_ack", rate("consume_aio"), "msg/s",
                        baseline_name="consume.raw_pika_auto_ack", baseline=cr, goal="ratio >= 0.8",
                        met=_ratio_met(rate("consume_aio"), cr, 0.8),
-                       note="Consumer: msgspec decode, manual ack, prefetch 1000, multiple-ack every 100"))
+                       note="Consumer: msgspec decode, manual ack, prefetch 4000, multiple-ack every 500"))
     if sync_available:
         figs.append(figure("consume.qapubsub_sync_batched_ack", rate("consume_sync"), "msg/s",
                            baseline_name="consume.raw_pika_auto_ack", baseline=cr, goal="ratio >= 0.8",

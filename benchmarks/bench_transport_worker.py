@@ -295,8 +295,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--latency", action="store_true")
     p.add_argument("--warmup", type=int, default=0)
     p.add_argument("--timeout", type=float, default=30.0)
-    p.add_argument("--prefetch", type=int, default=1000)
-    p.add_argument("--ack-every", type=int, default=100)
+    p.add_argument("--prefetch", type=int, default=4000)
+    p.add_argument("--ack-every", type=int, default=500)
     p.add_argument("--in-flight", type=int, default=500)
     a = p.parse_args(argv)
     try:
