@@ -15,7 +15,8 @@ Collections (database ``QA_MONGO_DB``, default ``qaflow``):
 ``sim_orders`` -- the paper executor's orders, ``_id`` = order id: ``account``, the order,
     ``status``, ``traded``, ``fills`` (fill counter -> trade ids), ``reports``, ``cost``,
     ``cancel_ids`` (processed cancel message ids) and ``outbox`` (encoded events persisted
-    before they are published, cleared after the publisher confirms; re-published at start).
+    before they are published; emptied once the publisher confirmed them -- lazily, by the next
+    write or a timer, see :class:`handlers.broker.SimService`; re-published at start).
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from pymongo import ReplaceOne
+from pymongo import ReplaceOne, UpdateOne
 from pymongo.errors import DuplicateKeyError
 
 from qaaccount.account import Account
@@ -193,21 +194,37 @@ class SimStateStore:
     def load(self, account: str) -> Iterator[dict[str, Any]]:
         return iter(self.coll.find({"account": account}))
 
+    @staticmethod
+    def _replace(account: str, doc: dict[str, Any], outbox: Sequence[OutboxItem], cancel_ids: Iterable[str],
+                 now: int) -> ReplaceOne:
+        oid = doc["order"]["order_id"]
+        full = dict(doc, _id=oid, account=account, outbox=[o.to_doc() for o in outbox],
+                    cancel_ids=list(cancel_ids), updated_at=now)
+        return ReplaceOne({"_id": oid}, full, upsert=True)
+
     def save(self, account: str, orders: Iterable[tuple[dict[str, Any], list[OutboxItem], list[str]]]) -> None:
         """Replace each order document (``SimOrder.to_doc()``) with its whole outbox and cancel ids."""
-        ops = []
-        for doc, outbox, cancel_ids in orders:
-            oid = doc["order"]["order_id"]
-            full = dict(doc, _id=oid, account=account, outbox=[o.to_doc() for o in outbox],
-                        cancel_ids=list(cancel_ids), updated_at=time.time_ns())
-            ops.append(ReplaceOne({"_id": oid}, full, upsert=True))
+        self.commit([(account, d, o, c) for d, o, c in orders])
+
+    def commit(self, orders: Iterable[tuple[str, dict[str, Any], Sequence[OutboxItem], Iterable[str]]],
+               clear: Iterable[str] = ()) -> int:
+        """ONE ``bulk_write``: replace every ``(account, SimOrder.to_doc(), outbox, cancel_ids)`` document
+        and empty the outbox of the ``clear`` order ids (events confirmed by an earlier batch: the lazy
+        clear of :class:`handlers.broker.SimService`). Returns the number of operations (0: no write)."""
+        now = time.time_ns()
+        orders = list(orders)
+        ops: list[Any] = [self._replace(a, d, o, c, now) for a, d, o, c in orders]
+        written = {d["order"]["order_id"] for _a, d, _o, _c in orders}
+        # one point update per id, by _id (served from the index; 10 of them cost ~1 ms here, a 10-id ``$in``
+        # update_many ~3 ms on a 5k-document nx-27017 collection)
+        ops += [UpdateOne({"_id": i}, {"$set": {"outbox": [], "updated_at": now}})
+                for i in dict.fromkeys(clear) if i not in written]
         if ops:
             self.coll.bulk_write(ops, ordered=True)
+        return len(ops)
 
     def clear_outbox(self, order_ids: Iterable[str]) -> None:
-        ids = list(dict.fromkeys(order_ids))
-        if ids:
-            self.coll.update_many({"_id": {"$in": ids}}, {"$set": {"outbox": []}})
+        self.commit((), order_ids)
 
     def pending(self, account: str) -> list[tuple[str, list[OutboxItem]]]:
         out = []
