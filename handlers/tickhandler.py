@@ -109,6 +109,7 @@ class TickPipeline:
         self._held: dict[tuple[str, str], list[Bar]] = {}
         self._outbox: list[Bar] = []  # closed bars to publish (kept across a failed publish)
         self._last_batch_at = 0.0  # monotonic time of the last batch: the timer closes bars only after a lull
+        self._marks_loaded = False
         self._unstored: list[Bar] = []  # published, not yet in the bar store
 
     # recovery ----------------------------------------------------------------------------------
@@ -125,6 +126,12 @@ class TickPipeline:
             # Hold this instrument's closed bars a moment: what a previous instance of the shard had
             # received but not acknowledged is redelivered *after* newer ticks, and must be in them.
             self._hold_until[(exchange, symbol)] = time.monotonic() + self.takeover_hold
+        if not self._marks_loaded:
+            # One aggregate for every instrument instead of a query per instrument on first sight.
+            self.ticks.load_watermarks()
+            self._marks_loaded = True
+        if self.ticks.watermark(exchange, symbol) is None:
+            return 0  # nothing stored for it: nothing to rebuild
         last = self.ticks.last_tick(exchange, symbol)
         if last is None:
             return 0
