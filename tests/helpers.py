@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -33,3 +36,21 @@ async def await_for(cond: Callable[[], T | Awaitable[T]], timeout: float = 10.0,
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what} (last value: {value!r})")
         await asyncio.sleep(interval)
+
+
+def free_port() -> int:
+    """A free TCP port on the loopback interface."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def risk_url() -> str:
+    """The risk desk's login URL: QA_RISK_AMQP_URL, else the one the set-up wrote to .qaflow/servers.env."""
+    url = os.environ.get("QA_RISK_AMQP_URL", "")
+    env = Path(__file__).resolve().parents[1] / ".qaflow" / "servers.env"
+    if not url and env.exists():
+        for line in env.read_text().splitlines():
+            if "QA_RISK_AMQP_URL=" in line:
+                url = line.split("=", 1)[1].strip().strip("'\"")
+    return url

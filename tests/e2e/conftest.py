@@ -13,7 +13,6 @@ import itertools
 import json
 import os
 import shutil
-import socket
 import subprocess
 import time
 import urllib.request
@@ -22,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tests.helpers import free_port
 
 IN_CI = bool(os.environ.get("CI"))
 CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -53,12 +54,6 @@ def ensure_chromium() -> str:
     if IN_CI:
         pytest.fail(why, pytrace=False)
     pytest.skip(why)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class CDP:
@@ -120,7 +115,7 @@ async def browser(tmp_path: Path) -> AsyncIterator[CDP]:
     from tornado.websocket import websocket_connect
 
     exe = ensure_chromium()
-    port = _free_port()
+    port = free_port()
     log = open(tmp_path / "chromium.log", "wb")  # noqa: SIM115
     proc = subprocess.Popen([exe, *CHROMIUM_FLAGS, f"--remote-debugging-port={port}", "--remote-debugging-address=127.0.0.1",
                              f"--user-data-dir={tmp_path / 'chrome-profile'}", "about:blank"],

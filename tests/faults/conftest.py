@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -34,6 +33,8 @@ from typing import Any
 import pika
 import pytest
 
+from tests.helpers import free_port
+from tests.helpers import risk_url as configured_risk_url
 from tests.helpers import wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -83,19 +84,9 @@ def amqp_answers(url: str) -> bool:
         return False
 
 
-def _risk_url_default() -> str:
-    url = os.environ.get("QA_RISK_AMQP_URL", "")
-    env = ROOT / ".qaflow" / "servers.env"
-    if not url and env.exists():
-        for line in env.read_text().splitlines():
-            if "QA_RISK_AMQP_URL=" in line:
-                url = line.split("=", 1)[1].strip().strip("'\"")
-    return url
-
-
 @pytest.fixture
 def risk_url(amqp_url: str) -> str:
-    url = _risk_url_default()
+    url = configured_risk_url()
     if not url or not amqp_answers(url):
         if os.environ.get("CI"):
             pytest.fail("the risk identity (QA_RISK_AMQP_URL) cannot log in")
@@ -151,14 +142,6 @@ def private_broker() -> Iterator[PrivateBroker]:
     b.up()
     yield b
     b.ensure_running()   # left up for the next run (node-down removes it: python scripts/cluster.py node-down --name rabbitf)
-
-
-def free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return int(port)
 
 
 class PrivateMongo:

@@ -9,22 +9,15 @@ from pathlib import Path
 import pytest
 
 from tests.daemons import ROOT
+from tests.helpers import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def test_demo_walks_every_step_and_stops_cleanly_twice(amqp_url: str, mongo_url: str, topology, mongo_db,
                                                         tmp_path: Path) -> None:
     env = {**os.environ, "QA_AMQP_URL": amqp_url, "QA_MONGO_URL": mongo_url, "QA_NAMESPACE": topology.namespace,
-           "QA_MONGO_DB": mongo_db.name, "QA_STATE_DIR": str(tmp_path / "state"), "QA_WEB_PORT": str(_free_port())}
+           "QA_MONGO_DB": mongo_db.name, "QA_STATE_DIR": str(tmp_path / "state"), "QA_WEB_PORT": str(free_port())}
     for run in (1, 2):  # the second run continues on the first one's accounts and data
         r = subprocess.run([sys.executable, "-m", "handlers.cli", "demo", "--duration", "2"], cwd=ROOT, env=env,
                            capture_output=True, text=True, timeout=240)

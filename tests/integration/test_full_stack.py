@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -27,16 +26,10 @@ from qaorder.store import OrderStore
 from qapubsub.sync import Connection, StreamPublisher
 from qapubsub.topology import Topology
 from tests.daemons import ROOT
-from tests.helpers import wait_for
+from tests.helpers import free_port, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 ACCOUNTS = ("demo1", "demo2", "demo3")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _long(db: Any, account: str) -> float:
@@ -65,7 +58,7 @@ def test_full_stack(amqp_url: str, mongo_url: str, topology: Topology, mongo_db,
     risk_url = os.environ.get("QA_RISK_AMQP_URL")
     if not risk_url:
         pytest.fail("QA_RISK_AMQP_URL is not set: `make test` sets up the risk-desk identity", pytrace=False)
-    port = _free_port()
+    port = free_port()
     env = {"QA_AMQP_URL": amqp_url, "QA_MONGO_URL": mongo_url, "QA_NAMESPACE": topology.namespace,
            "QA_MONGO_DB": mongo_db.name, "QA_WEB_TOKEN": "e2e-token", "QA_RISK_AMQP_URL": risk_url}
     accounts = AccountStore(mongo_db)

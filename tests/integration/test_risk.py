@@ -26,6 +26,7 @@ from qapubsub import keys
 from qapubsub.messages import encode
 from qapubsub.topology import Topology
 from qarisk.store import RiskStore
+from tests.helpers import risk_url as configured_risk_url
 from tests.helpers import wait_for
 
 pytestmark = pytest.mark.integration
@@ -33,19 +34,9 @@ ROOT = Path(__file__).resolve().parents[2]
 KEY = "SHFE.rb2512"
 
 
-def _risk_url() -> str:
-    url = os.environ.get("QA_RISK_AMQP_URL", "")
-    env = ROOT / ".qaflow" / "servers.env"
-    if not url and env.exists():
-        for line in env.read_text().splitlines():
-            if "QA_RISK_AMQP_URL=" in line:
-                url = line.split("=", 1)[1].strip().strip("'\"")
-    return url
-
-
 @pytest.fixture
 def risk_url() -> str:
-    url = _risk_url()
+    url = configured_risk_url()
     try:
         pika.BlockingConnection(pika.URLParameters(url)).close()
     except Exception as exc:  # noqa: BLE001
@@ -258,7 +249,7 @@ def test_cli_force_close_while_the_router_is_down_runs_when_it_starts(procs: Pro
                    "--operator", "desk1")
     assert out.returncode == 0, out.stderr
     cid = out.stdout.strip().splitlines()[-1]
-    assert cid.startswith("fc-") and "qarisk" in out.stdout and _risk_url().split("@")[0].split(":")[-1] not in out.stdout
+    assert cid.startswith("fc-") and "qarisk" in out.stdout and configured_risk_url().split("@")[0].split(":")[-1] not in out.stdout
     assert RiskStore(mongo_db).audit_of(action="forceclose", command_id=cid)
     no_id = risk_cli(procs, "force-close", "--account", "A", "--reason", "again")
     assert no_id.stdout.strip().splitlines()[-1] != cid                   # ids are unique

@@ -25,21 +25,10 @@ from qaorder.store import OrderStore
 from qapubsub import keys
 from qapubsub.settings import Settings
 from qapubsub.topology import Queue, Topology, declare_queue_sync
-from tests.helpers import wait_for
+from tests.helpers import risk_url, wait_for
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def _risk_url() -> str:
-    url = os.environ.get("QA_RISK_AMQP_URL")
-    if not url:
-        env = ROOT / ".qaflow" / "servers.env"
-        if env.exists():
-            for line in env.read_text().splitlines():
-                if "QA_RISK_AMQP_URL=" in line:
-                    url = line.split("=", 1)[1].strip().strip("'\"")
-    return url or ""
 
 
 def _risk_identity(env: "Env") -> tuple[str, str]:
@@ -49,7 +38,7 @@ def _risk_identity(env: "Env") -> tuple[str, str]:
     ``settings.risk_user``)."""
     import warnings
 
-    url = _risk_url()
+    url = risk_url()
     if url:
         try:
             pika.BlockingConnection(pika.URLParameters(url)).close()
