@@ -23,7 +23,8 @@ Debian ``rabbitmqctl`` wrapper always runs as that user). The cookie only lets n
 node here is ever joined to, or pointed at, ``rabbit@localhost``. epmd (4369) is shared.
 
 ``up`` writes ``.qaflow/cluster.env`` (QA_CLUSTER_AMQP_URLS, QA_CLUSTER_MANAGEMENT_URLS,
-QA_CLUSTER_NODES) for the tests, benchmarks and ``make cluster-test``.
+QA_CLUSTER_NODES, and QA_TICK_QUEUE=quorum: replicated tick shards) for the tests, benchmarks and
+``make cluster-test``.
 Exit codes: 0 done, 3 a node could not be started or joined.
 """
 from __future__ import annotations
@@ -357,6 +358,8 @@ def write_env() -> None:
         f"export QA_CLUSTER_AMQP_URLS='{','.join(n.amqp_url for n in nodes)}'\n"
         f"export QA_CLUSTER_MANAGEMENT_URLS='{','.join(n.mgmt_url for n in nodes)}'\n"
         f"export QA_CLUSTER_NODES='{','.join(n.node for n in nodes)}'\n"
+        # replicated tick shards: on a cluster they survive the loss of a node (docs/scaling.md)
+        "export QA_TICK_QUEUE='quorum'\n"
     )
 
 

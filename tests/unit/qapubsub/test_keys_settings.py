@@ -78,3 +78,21 @@ def test_topology_names_and_mismatch_sentence() -> None:
             "received 'topic' but current is 'direct'")
     sentence = explain_precondition(text)
     assert "'qaorder'" in sentence and "'direct'" in sentence and "'topic'" in sentence
+
+
+def test_tick_queue_type_comes_from_qa_tick_queue_and_a_bad_value_names_the_variable(monkeypatch) -> None:
+    from qapubsub.settings import ConfigError
+    from qapubsub.topology import tick_queue_type_from_env
+
+    monkeypatch.delenv("QA_TICK_QUEUE", raising=False)
+    assert Topology().tick_queue(0).quorum is False
+    assert Topology(tick_queue_type="quorum").tick_queue(1).quorum is True
+    monkeypatch.setenv("QA_TICK_QUEUE", "Quorum")
+    q = Topology().tick_queue(0)
+    assert q.quorum and q.arguments["x-single-active-consumer"] is True
+    assert tick_queue_type_from_env({"QA_TICK_QUEUE": ""}) == "classic"
+    with pytest.raises(ConfigError, match="QA_TICK_QUEUE='stream'"):
+        tick_queue_type_from_env({"QA_TICK_QUEUE": "stream"})
+    text = ("PRECONDITION_FAILED - inequivalent arg 'x-queue-type' for queue 'qa.tickhandler.0' in vhost '/': "
+            "received none but current is the value 'quorum' of type 'longstr'")
+    assert "QA_TICK_QUEUE=quorum keeps this queue" in explain_precondition(text)
