@@ -11,10 +11,11 @@ Figures (see docs/benchmarks.md, "Tick pipeline"):
    one tick per message, published by ``qapubsub.sync.StreamPublisher`` (confirms) to the
    namespaced ``qa.tick`` (-> ``qa.tick.shards`` -> ``qa.tickhandler.0``, as the topology declares
    it); ``python -m handlers.tickhandler`` cleans, stores, aggregates and
-   publishes bars. End = arrival (on ``qa.rtbar``, monitored by a separate process) of the
-   realtime bar of a *sentinel* tick sent after the stream (an instrument not in it): the
-   queue is FIFO and a batch's bars are published after its ticks are stored, so all earlier
-   ticks are then in MongoDB. Rate = ticks / (end - first publish). Zero loss is checked
+   publishes bars. End = arrival (on ``qa.bar``, monitored by a separate process) of the
+   closed 1-min bar of a *sentinel* instrument (not in the stream), whose two ticks in
+   consecutive minutes are sent after the stream: the queue is FIFO and a closed bar is
+   published only after its ticks and every earlier tick are stored, so all ticks are then
+   in MongoDB. (Realtime bars are sent before their ticks are stored: not a valid end.) Rate = ticks / (end - first publish). Zero loss is checked
    afterwards: sum of the chunks' ``n`` in MongoDB == ticks sent - ticks the tickhandler
    reports as dropped (its shutdown log line), and dropped must be 0. Baseline:
    ``raw_pipe``: the same bodies, plain pika producer process -> broker -> plain pika
@@ -110,6 +111,23 @@ def _extra_tick(ticks: list[Any], *, first: bool, year: int) -> tuple[str, Any]:
     raise RuntimeError("no free extra symbol")
 
 
+def _closing_tick(t: Any) -> Any:
+    """The first in-session tick of ``t``'s instrument one or more minutes later (closes ``t``'s 1-min bar)."""
+    import msgspec
+
+    from qamarket.cleaning import TickCleaner
+    from qamarket.models import DEFAULT_REGISTRY
+
+    spec = DEFAULT_REGISTRY.get(t.symbol, t.exchange)
+    for minutes in range(1, 240):
+        c = TickCleaner(spec)
+        c.check(t)
+        nxt = msgspec.structs.replace(t, datetime=t.datetime + minutes * 60_000, volume=t.volume + 1, seq=t.seq + 1)
+        if c.check(nxt) is None:
+            return nxt
+    raise RuntimeError(f"no later in-session minute for {t.exchange}.{t.symbol}")
+
+
 def write_data(path: Path, ticks: list[Any], *, batch: int = 1, with_sentinel: bool = True) -> dict[str, Any]:
     """Pickle routing keys + JSON bodies (one tick, or TickBatch of ``batch``) for the workers."""
     from brokers.random_source import batch_ticks
@@ -132,6 +150,10 @@ def write_data(path: Path, ticks: list[Any], *, batch: int = 1, with_sentinel: b
             data[role] = name
             data[f"{role}_key"] = qkeys.tick_key(ex, sym)
             data[f"{role}_body"] = encode(TickBatch(symbol=sym, exchange=ex, ticks=[st]) if batch > 1 else st)
+            if role == "sentinel":
+                # and a tick of a later minute: it closes the sentinel's first 1-min bar, which the
+                # tickhandler publishes only after every earlier tick is stored (realtime bars go sooner)
+                data["sentinel_close_body"] = encode(_closing_tick(st))
     with open(path, "wb") as f:
         pickle.dump(data, f, protocol=pickle.HIGHEST_PROTOCOL)
     return {"messages": len(bodies), "ticks": len(ticks), "sentinel": data.get("sentinel"), "warmup": data.get("warmup"),
@@ -400,7 +422,8 @@ def pipeline_run(data: Path, meta: dict[str, Any], batch_size: int, prefetch: in
     try:
         pl.wait_ready()
         mem0 = pl.mem()
-        mon = _worker("rtbar_con", exchange=pl.topo.rtbar, sentinel=meta["sentinel"], timeout=150, out=rt_out)
+        mon = _worker("rtbar_con", exchange=pl.topo.rtbar, bar_exchange=pl.topo.bar, sentinel=meta["sentinel"],
+                      timeout=150, out=rt_out)
         mon.wait_ready()
         servers = _server_pids()
         cpu0 = pl.cpu()
@@ -418,7 +441,7 @@ def pipeline_run(data: Path, meta: dict[str, Any], batch_size: int, prefetch: in
         stored = pl.stored()
         ticks = meta["ticks"]
         dropped = sum((summary.get("dropped") or {}).values())
-        stored_stream = stored["ticks"] - 1 - (1 if pr.get("t_warmup") else 0)  # minus the sentinel (+ warm-up)
+        stored_stream = stored["ticks"] - 2 - (1 if pr.get("t_warmup") else 0)  # minus the 2 sentinel ticks (+ warm-up)
         rtbars = json.loads(rt_out.read_text())
         wsym = meta.get("warmup")
         warm_arr = [r[6] for r in rtbars if wsym and f"{r[0]}.{r[1]}" == wsym]

@@ -12,9 +12,12 @@ Roles
               gathered), one message per item of ``--data`` (a Tick or a TickBatch body);
               ``--rate`` paces it (and records the send time of every tick, ``--out``).
 ``rtbar_con`` a consumer of the namespaced ``qa.rtbar`` exchange (own exclusive queue): records
-              every realtime bar's arrival time; stops when a bar of ``--sentinel`` arrives
-              (the tick queue is FIFO and a batch's bars are published after its ticks are
-              stored, so at that moment every earlier tick is in MongoDB) or at ``--timeout``.
+              every realtime bar's arrival time; with ``--bar-exchange`` also bound to the
+              closed 1-min bars and stops when the *closed* bar of ``--sentinel`` arrives (two
+              sentinel ticks in consecutive minutes go last; the tick queue is FIFO and closed
+              bars are published after their ticks and every earlier tick are stored, so at that
+              moment every tick is in MongoDB; realtime bars go out before the write), or at
+              ``--timeout``.
 
 Every worker prints ``READY`` when it is ready (consumers) and one JSON result line last.
 All times are ``time.time()`` (wall clock, comparable across processes).
@@ -141,6 +144,8 @@ def tick_pub(a: argparse.Namespace) -> None:
     # the sentinel (one message of an instrument not in the stream) goes last, after the flush
     if data.get("sentinel_body") is not None:
         pub.publish(a.exchange, data["sentinel_key"], data["sentinel_body"])
+        if data.get("sentinel_close_body") is not None:
+            pub.publish(a.exchange, data["sentinel_key"], data["sentinel_close_body"])
         pub.flush()
     conn.close()
     if a.out:
@@ -162,6 +167,8 @@ def rtbar_con(a: argparse.Namespace) -> None:
     ch = conn.channel()
     q = ch.queue_declare("", exclusive=True, auto_delete=True).method.queue
     ch.queue_bind(q, a.exchange, "#")
+    if a.bar_exchange:
+        ch.queue_bind(q, a.bar_exchange, "1min.#")
     sentinel = a.sentinel
     rec: list[tuple[str, str, str, int, int, float, int]] = []
     st: dict[str, Any] = {"t_sentinel": None}
@@ -170,8 +177,13 @@ def rtbar_con(a: argparse.Namespace) -> None:
         now = time.time_ns()
         b = dec.decode(body)
         if f"{b.exchange}.{b.symbol}" == sentinel:
-            st["t_sentinel"] = now / 1e9
-            chan.stop_consuming()
+            # with --bar-exchange the end is the sentinel's *closed* bar: published after every earlier
+            # tick was stored; else its first (realtime) bar
+            if b.final or not a.bar_exchange:
+                st["t_sentinel"] = now / 1e9
+                chan.stop_consuming()
+            return
+        if b.final:
             return
         rec.append((b.exchange, b.symbol, b.freq, b.datetime, b.tick_count, b.close, now))
 
@@ -195,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("role")
     p.add_argument("--url", required=True)
     p.add_argument("--exchange", default="")
+    p.add_argument("--bar-exchange", default="")
     p.add_argument("--queue", default="")
     p.add_argument("--data", default="")
     p.add_argument("--out", default="")

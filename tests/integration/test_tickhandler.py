@@ -271,3 +271,88 @@ def test_a_failed_store_write_loses_nothing_when_the_batch_comes_again(mongo_db)
     again = [(t, SimpleNamespace(delivery_tag=d.delivery_tag, redelivered=True)) for t, d in items]
     assert pipe.handle(again) == {}
     assert _stored(mongo_db) == _expected_after_cleaning(ticks)
+
+
+def _one_shot_bars(ticks: list[Tick]) -> dict[str, tuple]:
+    """Closed 1-min bars of the cleaned ticks, aggregated in one pass without any store or failure."""
+    from qamarket.aggregation import Aggregator
+
+    agg = Aggregator(freqs=("1min",), realtime=())
+    cleaners: dict[tuple[str, str], TickCleaner] = {}
+    out = {}
+    for t in ticks:
+        c = cleaners.setdefault((t.exchange, t.symbol), TickCleaner(DEFAULT_REGISTRY.get(t.symbol, t.exchange)))
+        if c.check(t) is None:
+            for b in agg.on_tick(t):
+                if b.final and b.freq == "1min":
+                    out[f"{b.exchange}.{b.symbol}.{b.datetime}"] = (b.open, b.high, b.low, b.close, b.volume)
+    return out
+
+
+def test_the_background_writer_fails_requeues_rebuilds_and_loses_nothing(mongo_db) -> None:
+    """Batches handed to the writer thread, the first write fails: every batch in flight fails with it,
+    the next batch is refused once (the pipeline forgets those instruments), the redelivered batches
+    are stored exactly once, and the closed bars equal a one-pass aggregation of the clean ticks;
+    every closed bar was published only after its ticks were stored."""
+    import threading
+    from types import SimpleNamespace
+
+    from handlers.tickhandler import TickPipeline
+    from qapubsub.handling import Transient
+
+    class FailFirst:
+        def __init__(self, store: TickStore) -> None:
+            self.store, self.calls, self.gate = store, 0, threading.Event()
+
+        def write(self, ticks):  # noqa: ANN001, ANN201
+            self.calls += 1
+            if self.calls == 1:
+                self.gate.wait(10)   # the first write hangs until every batch is handed over, then fails
+                raise ConnectionError("MongoDB went away")
+            return self.store.write(ticks)
+
+        def __getattr__(self, name: str):  # noqa: ANN204
+            return getattr(self.store, name)
+
+    store = TickStore(mongo_db)
+    failing = FailFirst(store)
+    published: list[Bar] = []
+    early: list[str] = []
+
+    def publish(closed, realtime) -> None:  # noqa: ANN001
+        for b in closed:   # closed by a later tick, which must already be stored (so are all before it)
+            newest = store.last_tick(b.exchange, b.symbol)
+            if newest is None or newest.datetime < b.datetime + 60_000:
+                early.append(b.id or "")
+        published.extend(closed)
+
+    pipe = TickPipeline(failing, BarStore(mongo_db), publish, takeover_hold=0, background=True, freqs=("1min",))
+    ticks = _ticks(1200, seed=3)
+    batches = [[(t, SimpleNamespace(delivery_tag=i + 1, redelivered=False)) for i, t in enumerate(ticks)][k:k + 100]
+               for k in range(0, len(ticks), 100)]
+    try:
+        futures = [pipe.submit(b) for b in batches]
+        failing.gate.set()
+        for f in futures:
+            with pytest.raises(Transient):
+                f.result(30)
+        # what the consumer does: requeue everything in flight; the first batch handed over next is refused once
+        again = [[(t, SimpleNamespace(delivery_tag=d.delivery_tag, redelivered=True)) for t, d in b] for b in batches]
+        with pytest.raises(Transient, match="rebuilt from the store"):
+            pipe.submit(again[0])
+        futures = [pipe.submit(b) for b in again]
+        assert [f.result(30) for f in futures] == [{}] * len(again)
+        pipe.flush()
+    finally:
+        pipe.close()
+    assert _stored(mongo_db) == _expected_after_cleaning(ticks)
+    # rebuilt from the store, the instruments took the redelivered ticks as new, not as late ones
+    assert pipe.counts["stored_late"] == 0 and pipe.counts["stored"] == sum(map(len, _stored(mongo_db).values()))
+    expected_bars = _one_shot_bars(ticks)
+    stored_bars = {f"{d['exchange']}.{d['symbol']}.{d['datetime']}": (d["open"], d["high"], d["low"], d["close"], d["volume"])
+                   for d in mongo_db.bars.find({"freq": "1min"})}
+    assert expected_bars and all(stored_bars[k] == v for k, v in expected_bars.items())
+    assert published and not early, f"closed bars published before their ticks were stored: {early[:3]}"
+    by_id: dict[str, Bar] = {}
+    for b in published:   # published again after the rebuild: the same id carries the same bar
+        assert by_id.setdefault(b.id, b) == b

@@ -1,0 +1,103 @@
+"""BatchConsumer with batches in flight (``pipeline_depth``), against the real broker.
+
+The handler returns futures and the test decides when each is done: a batch must be
+acknowledged only once it *and every batch before it* are done, and a failed batch must
+bring back every later batch in flight too.
+"""
+from __future__ import annotations
+
+import threading
+from concurrent.futures import Future
+from typing import Any
+
+import pytest
+
+from qapubsub.batch import BatchConsumer
+from qapubsub.handling import Transient
+from qapubsub.messages import Message
+from qapubsub.sync import Connection, StreamPublisher
+from qapubsub.topology import Binding, Topology
+from tests.helpers import wait_for
+
+pytestmark = pytest.mark.integration
+
+
+class Ping(Message, tag="t.pping", forbid_unknown_fields=True):
+    n: int
+
+
+def _depth(channel: Any, queue: str) -> int:
+    return int(channel.queue_declare(queue, passive=True).method.message_count)
+
+
+def test_batches_are_acked_in_order_and_a_failure_brings_back_every_later_batch(
+        amqp_url: str, topology: Topology, amqp_channel, run_in_thread) -> None:
+    q = topology.durable_queue(topology.name("t.pipelined"), Binding(topology.exec, "pp"))
+    lock = threading.Lock()
+    handed: list[tuple[list[tuple[int, bool]], Future[Any]]] = []
+    auto = threading.Event()   # later deliveries: done at once
+
+    def handler(items):  # noqa: ANN001, ANN202
+        fut: Future[Any] = Future()
+        with lock:
+            handed.append(([(m.n, d.redelivered) for m, d in items], fut))
+        if auto.is_set():
+            fut.set_result({})
+        return fut
+
+    consumer = BatchConsumer(Connection(urls=[amqp_url]), q, handler, message_type=Ping, topology=topology,
+                             batch_size=10, batch_wait=0.05, prefetch=100, pipeline_depth=3)
+    run_in_thread(consumer)
+    assert consumer.ready.wait(10)
+    pub = StreamPublisher(Connection(urls=[amqp_url]), topology=topology)
+    for n in range(30):
+        pub.publish(topology.exec, "pp", Ping(n=n))
+    pub.flush()
+    wait_for(lambda: len(handed) == 3, what="three batches handed over")
+    assert sorted(n for b, _f in handed for n, _r in b) == list(range(30))
+    # batches 2 and 3 done, batch 1 not: nothing may be acknowledged yet
+    handed[1][1].set_result({})
+    handed[2][1].set_result({})
+    auto.set()
+    handed[0][1].set_exception(Transient("the store went away"))
+    # so all 30 come back (had 2 or 3 been acked ahead of 1, their messages would be gone)
+    wait_for(lambda: sum(1 for b, _f in handed[3:] for _n, r in b if r) >= 30, timeout=20,
+             what="every message of the three batches redelivered")
+    again = sorted(n for b, _f in handed[3:] for n, r in b if r)
+    assert again == list(range(30))
+    wait_for(lambda: consumer.counts["acked"] >= 30, what="the redelivered batches acknowledged")
+    assert consumer.counts["aborted"] == 1 and consumer.counts["requeued"] == 30
+    consumer.stop()
+    wait_for(lambda: not consumer.ready.is_set(), what="consumer stopped")
+    assert _depth(amqp_channel, q.name) == 0   # nothing left, nothing requeued at close: all acked
+    amqp_channel.queue_delete(q.name)
+    pub.connection.close()
+
+
+def test_stopping_waits_for_the_batches_in_flight(amqp_url: str, topology: Topology, amqp_channel,
+                                                  run_in_thread) -> None:
+    q = topology.durable_queue(topology.name("t.pipelined.stop"), Binding(topology.exec, "ps"))
+    handed: list[Future[Any]] = []
+
+    def handler(items):  # noqa: ANN001, ANN202
+        fut: Future[Any] = Future()
+        handed.append(fut)
+        return fut
+
+    consumer = BatchConsumer(Connection(urls=[amqp_url]), q, handler, message_type=Ping, topology=topology,
+                             batch_size=5, batch_wait=0.05, prefetch=100, pipeline_depth=4)
+    t = run_in_thread(consumer)
+    assert consumer.ready.wait(10)
+    pub = StreamPublisher(Connection(urls=[amqp_url]), topology=topology)
+    for n in range(10):
+        pub.publish(topology.exec, "ps", Ping(n=n))
+    pub.flush()
+    wait_for(lambda: len(handed) == 2, what="two batches in flight")
+    consumer.stop()
+    assert t.is_alive()   # it cannot stop with work in flight ...
+    threading.Timer(0.3, lambda: [f.set_result({}) for f in handed]).start()
+    t.join(15)
+    assert not t.is_alive()   # ... and stops once it is done, everything acked
+    assert consumer.counts["acked"] == 10 and _depth(amqp_channel, q.name) == 0
+    amqp_channel.queue_delete(q.name)
+    pub.connection.close()
