@@ -12,10 +12,11 @@ Figures (see docs/benchmarks.md, "Tick pipeline"):
    namespaced ``qa.tick`` (-> ``qa.tick.shards`` -> ``qa.tickhandler.0``, as the topology declares
    it); ``python -m handlers.tickhandler`` cleans, stores, aggregates and
    publishes bars. End = arrival (on ``qa.bar``, monitored by a separate process) of the
-   closed 1-min bar of a *sentinel* instrument (not in the stream), whose two ticks in
-   consecutive minutes are sent after the stream: the queue is FIFO and a closed bar is
-   published only after its ticks and every earlier tick are stored, so all ticks are then
-   in MongoDB. (Realtime bars are sent before their ticks are stored: not a valid end.) Rate = ticks / (end - first publish). Zero loss is checked
+   closed 1-min bar of the warm-up instrument (not in the stream; see below), closed by a
+   *sentinel* tick of that instrument one minute later sent after the stream: the queue is
+   FIFO and a closed bar is published only after its ticks and every earlier tick are
+   stored, so all ticks are then in MongoDB. (Realtime bars are sent before their ticks are
+   stored: not a valid end.) Rate = ticks / (end - first publish). Zero loss is checked
    afterwards: sum of the chunks' ``n`` in MongoDB == ticks sent - ticks the tickhandler
    reports as dropped (its shutdown log line), and dropped must be 0. Baseline:
    ``raw_pipe``: the same bodies, plain pika producer process -> broker -> plain pika
@@ -144,16 +145,16 @@ def write_data(path: Path, ticks: list[Any], *, batch: int = 1, with_sentinel: b
         bodies = [encode(m) for m in msgs]
     data: dict[str, Any] = {"keys": k, "bodies": bodies, "ticks": len(ticks)}
     if with_sentinel:
-        for role, first, year in (("sentinel", False, 2029), ("warmup", True, 2030)):
-            name, st = _extra_tick(ticks, first=first, year=year)
-            ex, sym = name.split(".", 1)
-            data[role] = name
-            data[f"{role}_key"] = qkeys.tick_key(ex, sym)
-            data[f"{role}_body"] = encode(TickBatch(symbol=sym, exchange=ex, ticks=[st]) if batch > 1 else st)
-            if role == "sentinel":
-                # and a tick of a later minute: it closes the sentinel's first 1-min bar, which the
-                # tickhandler publishes only after every earlier tick is stored (realtime bars go sooner)
-                data["sentinel_close_body"] = encode(_closing_tick(st))
+        # the warm-up tick (an extra instrument, sent first) and, after the stream, the sentinel: a tick
+        # of the same instrument one minute later. It closes the warm-up's 1-min bar, which the
+        # tickhandler publishes on qa.bar only after every earlier tick is stored. (The same instrument,
+        # so its closed bars are not in the take-over hold a new instrument gets on first sight.)
+        name, wt = _extra_tick(ticks, first=True, year=2030)
+        ex, sym = name.split(".", 1)
+        st = _closing_tick(wt)
+        wrap = (lambda t: TickBatch(symbol=sym, exchange=ex, ticks=[t])) if batch > 1 else (lambda t: t)
+        data.update(warmup=name, warmup_key=qkeys.tick_key(ex, sym), warmup_body=encode(wrap(wt)),
+                    sentinel=name, sentinel_key=qkeys.tick_key(ex, sym), sentinel_body=encode(wrap(st)))
     with open(path, "wb") as f:
         pickle.dump(data, f, protocol=pickle.HIGHEST_PROTOCOL)
     return {"messages": len(bodies), "ticks": len(ticks), "sentinel": data.get("sentinel"), "warmup": data.get("warmup"),
@@ -441,7 +442,7 @@ def pipeline_run(data: Path, meta: dict[str, Any], batch_size: int, prefetch: in
         stored = pl.stored()
         ticks = meta["ticks"]
         dropped = sum((summary.get("dropped") or {}).values())
-        stored_stream = stored["ticks"] - 2 - (1 if pr.get("t_warmup") else 0)  # minus the 2 sentinel ticks (+ warm-up)
+        stored_stream = stored["ticks"] - 1 - (1 if pr.get("t_warmup") else 0)  # minus the sentinel (+ warm-up)
         rtbars = json.loads(rt_out.read_text())
         wsym = meta.get("warmup")
         warm_arr = [r[6] for r in rtbars if wsym and f"{r[0]}.{r[1]}" == wsym]

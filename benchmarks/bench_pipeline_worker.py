@@ -13,8 +13,8 @@ Roles
               ``--rate`` paces it (and records the send time of every tick, ``--out``).
 ``rtbar_con`` a consumer of the namespaced ``qa.rtbar`` exchange (own exclusive queue): records
               every realtime bar's arrival time; with ``--bar-exchange`` also bound to the
-              closed 1-min bars and stops when the *closed* bar of ``--sentinel`` arrives (two
-              sentinel ticks in consecutive minutes go last; the tick queue is FIFO and closed
+              closed 1-min bars and stops when the *closed* bar of ``--sentinel`` arrives (the
+              sentinel tick goes last and closes that bar; the tick queue is FIFO and closed
               bars are published after their ticks and every earlier tick are stored, so at that
               moment every tick is in MongoDB; realtime bars go out before the write), or at
               ``--timeout``.
@@ -144,8 +144,6 @@ def tick_pub(a: argparse.Namespace) -> None:
     # the sentinel (one message of an instrument not in the stream) goes last, after the flush
     if data.get("sentinel_body") is not None:
         pub.publish(a.exchange, data["sentinel_key"], data["sentinel_body"])
-        if data.get("sentinel_close_body") is not None:
-            pub.publish(a.exchange, data["sentinel_key"], data["sentinel_close_body"])
         pub.flush()
     conn.close()
     if a.out:
@@ -176,12 +174,11 @@ def rtbar_con(a: argparse.Namespace) -> None:
     def on_msg(chan: Any, _method: Any, _props: Any, body: bytes) -> None:
         now = time.time_ns()
         b = dec.decode(body)
-        if f"{b.exchange}.{b.symbol}" == sentinel:
+        if f"{b.exchange}.{b.symbol}" == sentinel and (b.final or not a.bar_exchange):
             # with --bar-exchange the end is the sentinel's *closed* bar: published after every earlier
             # tick was stored; else its first (realtime) bar
-            if b.final or not a.bar_exchange:
-                st["t_sentinel"] = now / 1e9
-                chan.stop_consuming()
+            st["t_sentinel"] = now / 1e9
+            chan.stop_consuming()
             return
         if b.final:
             return
