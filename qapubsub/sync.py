@@ -71,6 +71,45 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
 from .errors import Backoff, FatalError, Interrupted, PublishError, TransportError, Unroutable  # noqa: E402
 
 
+# pika's plaintext transport sends every buffered chunk with its own send(): a message is three
+# frames (method, header, body), so three system calls per message, ~13 us each here (cProfile of
+# the router publishing 5,500 children: 16,585 send() calls). Joining what is buffered first (up to
+# COALESCE_BYTES, so a partial send never re-slices a huge buffer) sends a burst in one call. The
+# bytes and their order are unchanged.
+COALESCE_BYTES = 128 * 1024
+
+
+def _install_send_coalescing() -> bool:
+    try:
+        from pika.adapters.utils.io_services_utils import _AsyncPlaintextTransport
+    except ImportError:  # another pika layout: keep its own behaviour
+        return False
+    if getattr(_AsyncPlaintextTransport, "_qaflow_coalescing", False):
+        return True
+    produce = _AsyncPlaintextTransport._produce  # noqa: SLF001
+
+    def _produce(self: Any) -> None:
+        bufs = self._tx_buffers  # noqa: SLF001
+        if len(bufs) > 1 and len(bufs[0]) < COALESCE_BYTES:
+            take, size = 0, 0
+            for chunk in bufs:
+                if take and size + len(chunk) > COALESCE_BYTES:
+                    break
+                size += len(chunk)
+                take += 1
+            if take > 1:
+                joined = b"".join([bufs.popleft() for _ in range(take)])
+                bufs.appendleft(joined)
+        produce(self)
+
+    _AsyncPlaintextTransport._produce = _produce  # noqa: SLF001
+    _AsyncPlaintextTransport._qaflow_coalescing = True  # type: ignore[attr-defined]
+    return True
+
+
+SEND_COALESCING = _install_send_coalescing()
+
+
 # 404 replies for a durable queue that exists but is momentarily unavailable on a cluster: its home node
 # is down ("home node ... is down or inaccessible"), or that node has just restarted and the queue's
 # process is not running yet ("... process is stopped by supervisor", seen in a rolling restart).

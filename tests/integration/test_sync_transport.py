@@ -238,3 +238,39 @@ def test_sigterm_drains_in_flight_message_and_exits_0(amqp_url: str, topology: T
     ok = amqp_channel.queue_declare(q.name, passive=True)
     assert ok.method.message_count == 0 and ok.method.consumer_count == 0
     conn.close()
+
+
+def test_a_burst_goes_out_in_few_send_calls_and_arrives_intact(amqp_url: str, topology: Topology, amqp_channel) -> None:
+    """pika sends each frame with its own send(); qapubsub joins what is buffered first (a message is
+    three frames). With the pinned pika the patch must be in place, and every byte must still arrive."""
+    from qapubsub import sync
+
+    assert sync.SEND_COALESCING, "pika's transport layout changed: qapubsub.sync._install_send_coalescing"
+    q = topology.durable_queue(topology.name("t.burst"), Binding(topology.exec, "burst"))
+    declare_queue_sync(amqp_channel, q)
+    conn = Connection(urls=[amqp_url])
+    sp = StreamPublisher(conn, topology=topology, batch_size=1000, io_every=200)
+    sp.publish(topology.exec, "burst", Ping(n=-1))   # opens the channel
+    sp.flush()
+    transport = conn.blocking._impl._transport  # noqa: SLF001 - count this connection's send() calls
+    calls: list[int] = []
+    send = transport._sigint_safe_send  # noqa: SLF001
+
+    def counting(sock, data):  # noqa: ANN001, ANN202
+        calls.append(len(data))
+        return send(sock, data)
+
+    transport._sigint_safe_send = counting  # noqa: SLF001
+    try:
+        for n in range(600):
+            sp.publish(topology.exec, "burst", Ping(n=n))
+        sp.flush()
+    finally:
+        del transport._sigint_safe_send
+    assert len(calls) < 600, f"{len(calls)} send() calls for 600 messages (1,800 frames)"
+    bodies = _drain(amqp_channel, q.name)
+    from qapubsub.messages import decode
+
+    assert [decode(b, Ping).n for _p, b in bodies] == [-1, *range(600)]
+    amqp_channel.queue_delete(q.name)
+    conn.close()
