@@ -18,7 +18,10 @@ and binds it to ``qa.exec`` ``#`` as well: the *child order itself* is what free
 margin/commission (opens) or position volume (closes), because an ``OrderStatusReport``
 carries neither direction, offset nor price. The order always reaches the queue before
 the executor's reports of it (it is routed to this queue when it is published to the
-executor). ``CANCELLED``/``REJECTED`` reports release what is left (``traded`` of the
+executor). Each message must come from where its type is sent: orders and cancels from
+``qa.exec`` under their account's key, reports and trades from ``qa.report`` under
+``<account>.order|trade`` (:func:`source_error`); anything else is dead-lettered with the
+reason, never applied. ``CANCELLED``/``REJECTED`` reports release what is left (``traded`` of the
 report keeps the reservation of fills still on their way); trades are applied once by
 ``trade_id`` (ids are persisted with the document in ``seen_trade_ids``, so a trade
 redelivered after a restart or a settlement counts once). Each change is saved to
@@ -54,6 +57,29 @@ from qapubsub.settings import Settings
 from qapubsub.topology import Binding, Topology
 
 log = logging.getLogger(__name__)
+
+
+def source_error(msg: Any, exchange: str, routing_key: str, topo: Topology) -> str | None:
+    """Why ``msg`` must not be applied, given where it came from; None if it may.
+
+    Orders and cancels are what the router sent to an executor: only from ``qa.exec`` with the
+    account's key. Status reports and trades are what an executor sent: only from ``qa.report``
+    with ``<account>.order`` / ``<account>.trade``. Anything else (a well-formed order published to
+    ``qa.report``, a trade published to ``qa.exec``, a report under another account's key) would
+    move money or positions that no executor moved.
+    """
+    try:
+        if isinstance(msg, (Order, Cancel)):
+            want_exchange, want_key = topo.exec, keys.exec_key(msg.account)
+        else:
+            kind = "trade" if isinstance(msg, Trade) else "order"
+            want_exchange, want_key = topo.report, keys.report_key(msg.account, kind)
+    except keys.KeyError_ as exc:
+        return f"{msg.schema}: account {msg.account!r} cannot be a routing key ({exc})"
+    if exchange != want_exchange or routing_key != want_key:
+        return (f"{msg.schema} for account {msg.account!r} arrived from exchange {exchange!r} key {routing_key!r}; "
+                f"it is only accepted from {want_exchange!r} key {want_key!r}")
+    return None
 
 
 class AccountService:
@@ -218,7 +244,10 @@ def run_daemon(args: argparse.Namespace) -> int:
 
     rep_conn = Connection(settings, client_name="qaflow-account-reports")
 
-    def on_report(msg: Any, _d: Any) -> None:
+    def on_report(msg: Any, d: Any) -> None:
+        why = source_error(msg, d.exchange, d.routing_key, topo)
+        if why is not None:
+            raise Reject(why)   # dead-lettered with the reason, never applied
         service.handle(msg)
         if isinstance(msg, Trade):
             ticks.bind(topo.tick, keys.tick_key(msg.exchange.value, msg.symbol))

@@ -202,9 +202,21 @@ def test_executor_and_account_daemon_end_to_end(procs: Procs, bus: Bus, mongo_db
     body = json.dumps(t1).encode()
     bus.ch.basic_publish(topology.report, keys.report_key("A", "trade"), body,
                          pika.BasicProperties(message_id="o1-1", type="qa.trade", delivery_mode=2))
+    # forged: an order published to qa.report (as a status key) and a fill published to qa.exec
+    forged_order = Order(order_id="o9", account="A", symbol="rb2512", exchange="SHFE", direction=Direction.BUY,
+                         offset=Offset.OPEN, price_type=PriceType.LIMIT, price=3900.0, volume=50)
+    bus.publish(topology.report, keys.report_key("A", "order"), forged_order)
+    forged_fill = {**t1, "trade_id": "o1-9", "volume": 7}
+    bus.ch.basic_publish(topology.exec, keys.exec_key("A"), json.dumps(forged_fill).encode(),
+                         pika.BasicProperties(message_id="o1-9", type="qa.trade", delivery_mode=2))
     bus.order("o2", 1, 3700)
     wait_for(lambda: "o2" in (store.doc("A") or {}).get("frozen", {}), what="o2 frozen")
     d = store.doc("A")
+    assert "o9" not in d["frozen"] and len(d["trades"]) == 2, "a forged order or fill was applied"
+    dead = []
+    while (got := bus.ch.basic_get(topology.dead_letters.name, auto_ack=True))[0] is not None:
+        dead.append(got[1].headers.get("x-qa-error", ""))
+    assert sum("only accepted from" in r for r in dead) >= 2, dead
     assert d["accounts"]["commission"] == pytest.approx(11.696)
     assert d["positions"][KEY]["volume_long"] == 3
     assert d["accounts"]["frozen_margin"] == pytest.approx(3700 * 10 * 0.1)
