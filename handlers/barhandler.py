@@ -34,7 +34,6 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import msgspec
 
 from qamarket.history import BarSeries, IndicatorSpec, merge_sources, parse_indicators, split_indicator_list
 from qamarket.models import EXCHANGES, FUTURES_EXCHANGES, Bar

@@ -71,7 +71,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:  # noqa: C901 - a script of steps, read top to bottom
-    import pika
     import pymongo
 
     from brokers.random_source import RandomSource
@@ -81,7 +80,7 @@ def run(args: argparse.Namespace) -> int:  # noqa: C901 - a script of steps, rea
     from qaorder.routing import FollowerRule, Sizing
     from qaorder.store import OrderStore
     from qapubsub import keys
-    from qapubsub.messages import decode, new_id
+    from qapubsub.messages import new_id
     from qapubsub.settings import Settings, redact_url
     from qapubsub.sync import Connection, Publisher, StreamPublisher
     from qapubsub.topology import Topology

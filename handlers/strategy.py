@@ -59,7 +59,7 @@ from qapubsub import keys
 from qapubsub.errors import Backoff
 from qapubsub.messages import DecodeError, decode
 from qapubsub.settings import ConfigError, Settings
-from qapubsub.topology import Binding, Topology, declare_queue_sync
+from qapubsub.topology import Binding, Topology
 
 log = logging.getLogger(__name__)
 

@@ -38,7 +38,7 @@ import math
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from qaorder.models import (
@@ -668,7 +668,7 @@ class StrategyEngine:
         acc = self._book_account(book)
         p = self.books[acc].get(ex, sym)
         side = "long" if direction is Direction.SELL else "short"
-        his, today = getattr(p, f"{side}_his"), getattr(p, f"{side}_today")
+        his = getattr(p, f"{side}_his")
         if ex in SPLIT_TODAY_S:
             legs = []
             a = min(volume, his)

@@ -45,7 +45,7 @@ from typing import Any
 import aio_pika
 import aiormq
 import aiormq.exceptions
-from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage, AbstractQueue
+from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractQueue
 from pamqp import commands as spec
 
 from . import handling
@@ -256,7 +256,8 @@ class Connection:
                 conn = await self._connect_once(url)
                 lost = asyncio.Event()
                 self._lost = lost
-                conn.close_callbacks.add(lambda *_a, **_k: lost.set())
+                # bind this connection's event: an old connection closing late must not end the new one
+                conn.close_callbacks.add(lambda *_a, _lost=lost, **_k: _lost.set())
                 async with self._restore_lock:
                     await self._restore(conn)
             except asyncio.CancelledError:

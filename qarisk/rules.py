@@ -965,7 +965,6 @@ class RiskEngine:
             return
         st = self.state(acc)
         self._roll(st, now)
-        w = st.active.get(order_id)
         k = ref[1] if ref is not None else key
         if order_id not in st.cancelled_ids:
             st.cancelled_ids.add(order_id)

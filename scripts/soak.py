@@ -557,7 +557,7 @@ def soak(args: argparse.Namespace) -> int:  # noqa: C901 - a script of steps, re
               for qn in sorted(qmax, key=lambda q: (q not in label or 'live queue' in label[q], label.get(q, q)))
               if qmax[qn] or qn.startswith(ns) or qn == stalled_q),
             "",
-            f"| broker | start | end of load | after drain |",
+            "| broker | start | end of load | after drain |",
             "|---|---:|---:|---:|",
             f"| RabbitMQ mem_used MB (shared node) | {mb(after[0]['broker_mb'])} | {mb(last_load['broker_mb'])} | "
             f"{mb(end_sample['broker_mb'])} |",

@@ -24,7 +24,7 @@ import pika
 import pytest
 
 from qapubsub import keys
-from qapubsub.topology import Topology, declare_queue_sync
+from qapubsub.topology import Topology
 from tests import daemons
 from tests.cluster.conftest import Cluster, record
 from tests.helpers import wait_for
@@ -287,7 +287,6 @@ def test_stop_the_node_of_a_tick_shards_consumer_standby_takes_over(cluster: Clu
     dup = sum(n - 1 for n in ids.values())
     # reference: the same clean ticks aggregated in one process
     agg = Aggregator(freqs=("1min",), realtime=())
-    from qamarket.models import Tick
     ref: dict[str, Any] = {}
     clean = {k: set(v) for k, v in expected.items()}
     from brokers.random_source import market_fields

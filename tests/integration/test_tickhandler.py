@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import signal
 import sys
-import uuid
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +16,7 @@ from qamarket.store import BarStore, TickStore
 from qapubsub import keys
 from qapubsub.messages import decode
 from qapubsub.sync import Connection, StreamPublisher
-from qapubsub.topology import Binding, Topology
+from qapubsub.topology import Topology
 from tests import daemons
 from tests.helpers import wait_for
 

@@ -2,7 +2,6 @@ from __future__ import annotations
 
 import random
 
-import pytest
 
 from qamarket.indicators import ATR, BOLL, EMA, MA, MACD, RSI
 from qamarket.models import Bar
