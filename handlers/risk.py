@@ -164,6 +164,32 @@ class RiskGate:
             st.trades_by.update(d.get("trades_by") or {})
             if d.get("halted"):
                 self.engine.halt(acc, str(d.get("reason") or "halted"))
+        self._restore_working()
+
+    def _restore_working(self) -> None:
+        """Working orders come back from the accounts' frozen orders (the account daemon keeps each
+        order it saw on qa.exec there, with the lots still open, until it is filled, cancelled or
+        rejected): without them a restarted router would let an account exceed its working-order,
+        position and exposure limits, or close more than it holds."""
+        import msgspec
+
+        from qaorder.models import Order
+
+        restored = 0
+        for doc in self.orders.accounts.find({}, {"frozen": 1}):
+            for oid, fz in (doc.get("frozen") or {}).items():
+                if not isinstance(fz, dict) or "order" not in fz:
+                    continue
+                try:
+                    order = msgspec.convert(fz["order"], Order)
+                    left = int(fz.get("amount", order.volume))
+                except (msgspec.ValidationError, TypeError, ValueError) as exc:
+                    log.warning("working order %s of %s not restored: %s", oid, doc.get("_id"), exc)
+                    continue
+                self.engine.restore_working(order, left, self.market)
+                restored += 1
+        if restored:
+            log.info("restored %d working order(s) into the risk engine", restored)
 
     # the check ------------------------------------------------------------------------------
     def _view(self, account: str) -> Any:

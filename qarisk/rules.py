@@ -872,6 +872,19 @@ class RiskEngine:
             k = _dup_key(order)
             st.dup_queue.append((now, k))
             st.dup_counts[k] = st.dup_counts.get(k, 0) + 1
+        self._add_working(st, order, order.volume, market)
+
+    def restore_working(self, order: Order, left: int, market: MarketView | None = None) -> None:
+        """After a restart: ``order`` was dispatched earlier and still has ``left`` lots working
+        (from the account's frozen orders). It counts toward working orders, working opens and
+        closes and exposure again; the daily and window counters are restored apart and are not
+        counted a second time. Idempotent by order id."""
+        if left <= 0 or order.order_id in self._order_account:
+            return
+        self._add_working(self.state(order.account), order, left, market)
+
+    def _add_working(self, st: RiskState, order: Order, volume: int, market: MarketView | None) -> None:
+        key = order.key
         inst = market.instruments.get(key) if market is not None else None
         buy = order.direction == _BUY
         if order.offset == _OPEN:
@@ -883,22 +896,22 @@ class RiskEngine:
                     px = q.limit_up if q is not None and 0 < q.limit_up < _UNSET else (
                         q.last_price if q is not None else None)
                 unit = (px or 0.0) * inst.multiplier
-            w = _Working(key, buy, True, "", order.volume, unit)
+            w = _Working(key, buy, True, "", volume, unit)
             lots = st.working_open.setdefault(key, [0, 0])
-            lots[0 if buy else 1] += order.volume
-            st.working_open_lots += order.volume
+            lots[0 if buy else 1] += volume
+            st.working_open_lots += volume
             if buy:
-                st.working_long_value += unit * order.volume
+                st.working_long_value += unit * volume
             else:
-                st.working_short_value += unit * order.volume
+                st.working_short_value += unit * volume
         else:
             if inst is None and _ev(order.exchange) in ("SSE", "SZSE", "BSE"):
                 cls = ("long" if not buy else "short") + ":his"
             else:
                 cls = _close_class(order, inst)
-            w = _Working(key, buy, False, cls, order.volume, 0.0)
+            w = _Working(key, buy, False, cls, volume, 0.0)
             ck = (key, cls)
-            st.working_close[ck] = st.working_close.get(ck, 0) + order.volume
+            st.working_close[ck] = st.working_close.get(ck, 0) + volume
         st.active[order.order_id] = w
         self._order_account[order.order_id] = (order.account, key)
 

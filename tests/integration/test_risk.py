@@ -275,3 +275,29 @@ def test_cli_errors_are_clear(procs: Procs) -> None:
     assert r.returncode == 3 and "refused the login" in r.stderr and "wrong-secret" not in r.stderr + r.stdout
     r = risk_cli(procs, "force-close", "--account", "A")
     assert r.returncode == 2 and "--reason" in r.stderr
+
+
+def test_a_restarted_router_gate_knows_the_working_orders_again(mongo_db: Any, topology: Topology) -> None:
+    """The gate restores working orders from the accounts' frozen orders (as the account daemon
+    keeps them in MongoDB): a limit on working orders holds across a router restart."""
+    from handlers.risk import RiskGate
+
+    InstrumentTable(mongo_db).configure("SHFE.rb2512", margin_rate=0.1, open_ratio=0.0001)
+    store = AccountStore(mongo_db)
+    store.open("W", 1_000_000)
+    acc, rev = store.load("W")  # type: ignore[misc]
+    orders = [Order(order_id=f"w{i}", account="W", symbol="rb2512", exchange="SHFE", direction=Direction.BUY,
+                    offset=Offset.OPEN, price_type=PriceType.LIMIT, price=3900.0 + i, volume=2) for i in range(2)]
+    for o in orders:
+        assert acc.on_order(o)
+    store.save(acc, rev)
+    rules = {r: {"enabled": False} for r in ("state", "session", "volume", "price", "position", "funds", "exposure")}
+    RiskStore(mongo_db).set_config("W", {**rules, "flow": {"enabled": True, "max_active_orders": 2}})
+    gate = RiskGate(mongo_db, topology)
+    st = gate.engine.state("W")
+    assert sorted(st.active) == ["w0", "w1"] and st.working_open_lots == 4
+    assert st.daily_orders == 0        # restored as working, not counted as new orders
+    third = Order(order_id="w2", account="W", symbol="rb2512", exchange="SHFE", direction=Direction.BUY,
+                  offset=Offset.OPEN, price_type=PriceType.LIMIT, price=3905.0, volume=1)
+    decision = gate(third)
+    assert decision is not None and not decision.ok and decision.rejection.check == "active_orders", decision

@@ -171,3 +171,23 @@ def test_all_rules_on_accepts_a_normal_order_and_keeps_counting() -> None:
         assert e.check(o, account(), m, T0 + i).ok
         e.on_order_accepted(o, T0 + i, m)
     assert e.check(order(price=3510.0), account(), m, T0 + 5).rejection.check == "orders_per_window"
+
+
+def test_restored_working_orders_count_as_working_but_not_as_new_orders() -> None:
+    """After a router restart the working orders come back (from the accounts' frozen orders):
+    they fill the working-order limit again, a fill shrinks them, and the daily count is untouched."""
+    e = engine(only("flow", max_active_orders=2, max_daily_orders=3))
+    m = market()
+    a, b = order(price=3500.0, volume=3), order(price=3501.0)
+    e.restore_working(a, 2, m)           # 1 of its 3 lots was filled before the restart
+    e.restore_working(b, 1, m)
+    e.restore_working(b, 1, m)           # idempotent
+    st = e.state("acc")
+    assert len(st.active) == 2 and st.working_open_lots == 3 and st.daily_orders == 0
+    d, _ = send(e, T0, price=3502.0)
+    assert d.rejection.check == "active_orders"
+    e.on_order_traded(a.order_id, 2, "a-2")   # its last 2 lots: no longer working
+    assert st.working_open_lots == 1
+    assert send(e, T0, price=3503.0)[0].ok and st.daily_orders == 1
+    e.restore_working(order(price=3504.0), 0, m)   # nothing left: not working
+    assert len(st.active) == 2
