@@ -271,6 +271,9 @@ class BatchConsumer(Consumer):
 
     def _failed(self, batch: Sequence[tuple[Any, Delivery]], exc: Exception) -> None:
         reason = handling.reason_of(exc)
+        # From here on, and until a batch succeeds, every batch is waited for when handed over: the
+        # isolation below must see each message's outcome before it acks or dead-letters it.
+        self._one_at_a_time = True
         outcomes = [self.tracker.failed(self._key(d), _count(d)) for _p, d in batch]
         if all(o is Outcome.REQUEUE for o, _n in outcomes):
             log.warning("batch of %d failed (%s); requeueing", len(batch), reason, extra={"queue": self.queue_name})

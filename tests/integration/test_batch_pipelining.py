@@ -101,3 +101,41 @@ def test_stopping_waits_for_the_batches_in_flight(amqp_url: str, topology: Topol
     assert consumer.counts["acked"] == 10 and _depth(amqp_channel, q.name) == 0
     amqp_channel.queue_delete(q.name)
     pub.connection.close()
+
+
+def test_a_poison_message_is_isolated_and_dead_lettered_with_batches_in_flight(
+        amqp_url: str, topology: Topology, amqp_channel, run_in_thread) -> None:
+    from qapubsub.errors import Backoff
+    from qapubsub.handling import ERROR_HEADER
+
+    q = topology.durable_queue(topology.name("t.pipelined.poison"), Binding(topology.exec, "pz"))
+    handled: list[int] = []
+    lock = threading.Lock()
+
+    def handler(items):  # noqa: ANN001, ANN202
+        if any(m.n == 13 for m, _d in items):
+            raise ValueError("poison: n=13")
+        fut: Future[Any] = Future()
+        threading.Timer(0.01, lambda: (lock.acquire(), handled.extend(m.n for m, _d in items), lock.release(),
+                                       fut.set_result({}))).start()
+        return fut
+
+    consumer = BatchConsumer(Connection(urls=[amqp_url]), q, handler, message_type=Ping, topology=topology,
+                             batch_size=5, batch_wait=0.02, prefetch=100, pipeline_depth=4,
+                             retry_backoff=Backoff(interval_start=0.01, interval_max=0.05))
+    run_in_thread(consumer)
+    assert consumer.ready.wait(10)
+    pub = StreamPublisher(Connection(urls=[amqp_url]), topology=topology)
+    for n in range(30):
+        pub.publish(topology.exec, "pz", Ping(n=n))
+    pub.flush()
+    wait_for(lambda: _depth(amqp_channel, topology.dead_letters.name) >= 1, timeout=30, what="the poison dead-lettered")
+    wait_for(lambda: consumer.counts["acked"] >= 30, timeout=20, what="everything acked or dead-lettered")
+    with lock:
+        assert sorted(set(handled)) == [n for n in range(30) if n != 13]
+    method, props, body = amqp_channel.basic_get(topology.dead_letters.name, auto_ack=True)
+    assert method is not None and "poison: n=13" in props.headers[ERROR_HEADER]
+    assert _depth(amqp_channel, topology.dead_letters.name) == 0
+    consumer.stop()
+    amqp_channel.queue_delete(q.name)
+    pub.connection.close()
