@@ -181,7 +181,12 @@ class _Writer:
                 jobs.append(more)
                 n += len(more.ticks)
             try:
-                self._run(jobs)  # sets every job's future, never raises
+                self._run(jobs)  # sets every job's future
+            except BaseException as exc:  # noqa: BLE001 - a bug here must fail the batches, not hang the consumer
+                log.exception("tickhandler writer: %s", exc)
+                for j in jobs:
+                    if not j.future.done():
+                        j.future.set_exception(exc if isinstance(exc, Exception) else RuntimeError(repr(exc)))
             finally:
                 with self._cond:
                     self._outstanding -= len(jobs)
