@@ -52,7 +52,15 @@ class DecodeError(ValueError):
 
 M = TypeVar("M")
 
-_encoder = msgspec.json.Encoder()
+def _enc_hook(obj: Any) -> Any:
+    # int subclasses: pymongo decodes every BSON int64 at or above 2**31 as bson.Int64 (an int
+    # subclass msgspec refuses), e.g. a millisecond time in a document read back from MongoDB.
+    if isinstance(obj, int):
+        return int(obj)
+    raise TypeError(f"cannot encode objects of type {type(obj).__name__}")
+
+
+_encoder = msgspec.json.Encoder(enc_hook=_enc_hook)
 _decoders: dict[Any, msgspec.json.Decoder[Any]] = {}
 
 

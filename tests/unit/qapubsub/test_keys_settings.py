@@ -96,3 +96,20 @@ def test_tick_queue_type_comes_from_qa_tick_queue_and_a_bad_value_names_the_vari
     text = ("PRECONDITION_FAILED - inequivalent arg 'x-queue-type' for queue 'qa.tickhandler.0' in vhost '/': "
             "received none but current is the value 'quorum' of type 'longstr'")
     assert "QA_TICK_QUEUE=quorum keeps this queue" in explain_precondition(text)
+
+
+def test_encode_takes_bson_int64_read_back_from_mongodb() -> None:
+    """pymongo decodes a BSON int64 at or above 2**31 as bson.Int64 (an int subclass msgspec refuses):
+    a millisecond time in an account document read back made the account snapshot fail to encode."""
+    import json
+
+    import bson
+
+    from qapubsub.messages import encode
+
+    doc = bson.decode(bson.encode({"insert_date_time": 1_740_992_400_500, "volume": 3}))
+    assert type(doc["insert_date_time"]) is bson.int64.Int64
+    assert json.loads(encode({"orders": {"o1": doc}})) == {"orders": {"o1": {"insert_date_time": 1_740_992_400_500,
+                                                                            "volume": 3}}}
+    with pytest.raises(TypeError, match="cannot encode objects of type object"):
+        encode({"x": object()})
