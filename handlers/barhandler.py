@@ -41,7 +41,7 @@ from qamarket.rpc import BadRequest, HistoryReply, IndicatorBar, parse_request
 from qamarket.sessions import FREQ_MINUTES
 from qapubsub import keys
 from qapubsub.messages import now_ns
-from qapubsub.settings import ConfigError, Settings
+from qapubsub.settings import ConfigError, Settings, mongo_client
 from qapubsub.topology import Topology
 
 log = logging.getLogger(__name__)
@@ -296,8 +296,6 @@ class BarHandler:
     """Wires the service to two consumers (requests, live bars) and a publisher."""
 
     def __init__(self, settings: Settings, args: argparse.Namespace) -> None:
-        import pymongo
-
         from qamarket.store import BarStore
         from qapubsub.sync import Connection, Consumer, Publisher, StreamPublisher
 
@@ -307,11 +305,10 @@ class BarHandler:
             raise ConfigError(f"--indicators: {exc}") from None
         self.subscriptions = [k for text in args.subscribe for k in parse_subscription(text)]
         self.topo = topo = Topology(settings.namespace if args.namespace is None else args.namespace)
-        client = pymongo.MongoClient(settings.mongo_url, serverSelectionTimeoutMS=5000)
+        client = mongo_client(settings)
         qa_db = None
         if args.quantaxis_db:
-            qa_client = client if not args.quantaxis_url else pymongo.MongoClient(args.quantaxis_url,
-                                                                                 serverSelectionTimeoutMS=5000)
+            qa_client = client if not args.quantaxis_url else mongo_client(args.quantaxis_url)
             qa_db = qa_client[args.quantaxis_db]
         source = HistorySource(BarStore(client[settings.mongo_db]), qa_db)
 

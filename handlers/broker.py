@@ -59,7 +59,7 @@ from qapubsub import keys
 from qapubsub.errors import Unroutable
 from qapubsub.handling import Transient
 from qapubsub.messages import Message, encode
-from qapubsub.settings import Settings
+from qapubsub.settings import Settings, mongo_client
 from qapubsub.topology import Binding, Topology
 
 log = logging.getLogger(__name__)
@@ -322,11 +322,10 @@ class SimService:
 
 # wiring -------------------------------------------------------------------------------------
 def _mongo_db(settings: Settings) -> Any:
-    import pymongo
 
     from handlers.cli import CannotConnect
 
-    client = pymongo.MongoClient(settings.mongo_url, serverSelectionTimeoutMS=5000)
+    client = mongo_client(settings)
     try:
         client.admin.command("ping")
     except Exception as exc:  # noqa: BLE001

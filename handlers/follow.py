@@ -41,14 +41,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def _store() -> object:
-    import pymongo
 
     from handlers.cli import CannotConnect
     from qaorder.store import OrderStore
-    from qapubsub.settings import Settings, redact_url
+    from qapubsub.settings import Settings, mongo_client, redact_url
 
     settings = Settings.from_env()
-    client = pymongo.MongoClient(settings.mongo_url, serverSelectionTimeoutMS=3000)
+    client = mongo_client(settings, server_selection_ms=3000)
     try:
         client.admin.command("ping")
     except Exception as exc:  # noqa: BLE001

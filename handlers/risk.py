@@ -38,7 +38,7 @@ from typing import Any
 import msgspec
 
 from qapubsub import keys
-from qapubsub.settings import ConfigError, Settings, redact_url
+from qapubsub.settings import ConfigError, Settings, mongo_client, redact_url
 from qapubsub.topology import Binding, Topology
 
 log = logging.getLogger(__name__)
@@ -467,14 +467,13 @@ class Monitor:
 def run_daemon(args: argparse.Namespace) -> int:
     import signal
 
-    import pymongo
 
     from handlers.cli import CannotConnect
     from qapubsub.sync import Connection, Consumer, FatalError, Publisher, TransportError
 
     settings = Settings.from_env()
     topo = Topology(settings.namespace if args.namespace is None else args.namespace)
-    client = pymongo.MongoClient(settings.mongo_url, serverSelectionTimeoutMS=3000)
+    client = mongo_client(settings, server_selection_ms=3000)
     try:
         client.admin.command("ping")
     except Exception as exc:  # noqa: BLE001
@@ -519,11 +518,10 @@ def run_daemon(args: argparse.Namespace) -> int:
 
 # ============================================================================ commands
 def _db(settings: Settings) -> Any:
-    import pymongo
 
     from handlers.cli import CannotConnect
 
-    client = pymongo.MongoClient(settings.mongo_url, serverSelectionTimeoutMS=3000)
+    client = mongo_client(settings, server_selection_ms=3000)
     try:
         client.admin.command("ping")
     except Exception as exc:  # noqa: BLE001

@@ -85,7 +85,7 @@ from qaorder.routing import FollowerRule, PriceMode, Sizing, plan_force_close, r
 from qaorder.store import OrderStore
 from qapubsub import handling, keys
 from qapubsub.messages import DecodeError, Message, decode, encode
-from qapubsub.settings import Settings
+from qapubsub.settings import Settings, mongo_client
 from qapubsub.topology import Binding, Topology, declare_queue_sync
 
 log = logging.getLogger(__name__)
@@ -708,7 +708,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import pymongo
 
     from handlers.cli import CannotConnect
     from qapubsub.settings import redact_url
@@ -716,7 +715,7 @@ def run(args: argparse.Namespace) -> int:
 
     settings = Settings.from_env()
     topo = Topology(settings.namespace if args.namespace is None else args.namespace)
-    client = pymongo.MongoClient(settings.mongo_url, serverSelectionTimeoutMS=3000)
+    client = mongo_client(settings, server_selection_ms=3000)
     try:
         client.admin.command("ping")
     except Exception as exc:  # noqa: BLE001

@@ -24,7 +24,7 @@ import signal
 import sys
 from typing import Any
 
-from qapubsub.settings import Settings
+from qapubsub.settings import Settings, mongo_client
 from qapubsub.topology import Topology
 
 log = logging.getLogger(__name__)
@@ -138,10 +138,9 @@ def _run_replay(args: argparse.Namespace) -> int:
         return 2
     client = None
     if args.mongo:
-        import pymongo
 
         settings = Settings.from_env()
-        client = pymongo.MongoClient(settings.mongo_url, serverSelectionTimeoutMS=5000)
+        client = mongo_client(settings)
         start = from_any(args.start) if args.start else None
         end = from_any(args.end) if args.end else None
         ticks = ticks_from_mongo(client[settings.mongo_db], args.mongo, start, end)

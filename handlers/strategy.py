@@ -58,7 +58,7 @@ from qaorder.models import AccountSnapshot, Order, OrderStatusReport, Reject, Tr
 from qapubsub import keys
 from qapubsub.errors import Backoff
 from qapubsub.messages import DecodeError, decode
-from qapubsub.settings import ConfigError, Settings
+from qapubsub.settings import ConfigError, Settings, mongo_client
 from qapubsub.topology import Binding, Topology
 
 log = logging.getLogger(__name__)
@@ -343,12 +343,11 @@ class StrategyRunner:
 
 
 def run(args: argparse.Namespace) -> int:
-    import pymongo
 
     from handlers.cli import CannotConnect
 
     settings = Settings.from_env()
-    client = pymongo.MongoClient(settings.mongo_url, serverSelectionTimeoutMS=5000)
+    client = mongo_client(settings)
     db = client[settings.mongo_db]
     strategy, target = build(args, db)
     runner = StrategyRunner(settings, args, db, strategy, target)

@@ -67,7 +67,7 @@ from qamarket.models import DEFAULT_REGISTRY, Bar, Tick, TickBatch, UnknownInstr
 from qamarket.sessions import to_ms
 from qapubsub import keys
 from qapubsub.handling import Transient
-from qapubsub.settings import Settings
+from qapubsub.settings import Settings, mongo_client
 from qapubsub.topology import Topology
 
 log = logging.getLogger(__name__)
@@ -663,13 +663,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def build(settings: Settings, args: argparse.Namespace) -> tuple[Any, TickPipeline]:
-    import pymongo
 
     from qamarket.store import BarStore, TickStore
     from qapubsub.sync import Connection
 
     topo = Topology(settings.namespace if args.namespace is None else args.namespace)
-    db = pymongo.MongoClient(settings.mongo_url, serverSelectionTimeoutMS=5000)[settings.mongo_db]
+    db = mongo_client(settings)[settings.mongo_db]
     conn = Connection(settings, client_name="qaflow-tickhandler")
     freqs = [f.strip() for f in args.freqs.split(",") if f.strip()]
     unknown = sorted(set(freqs) - set(ALL_FREQS))

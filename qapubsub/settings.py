@@ -10,6 +10,7 @@ import os
 import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
 DEFAULT_MONGO_URL = "mongodb://127.0.0.1:27017/?directConnection=true"
@@ -112,3 +113,21 @@ class Settings:
             risk_user=env.get("QA_RISK_USER", "qarisk"),
             namespace=env.get("QA_NAMESPACE", ""),
         )
+
+
+#: pymongo waits forever for a reply by default: a partitioned or hung MongoDB server would stall a
+#: daemon for good, silently. With a socket timeout the wait ends in ``NetworkTimeout`` (a
+#: ``ConnectionFailure``), which the daemons already treat as an outage: back off, requeue, retry.
+#: 60 s leaves room for long scans on nx-27017 (~28k documents/s). ``socketTimeoutMS`` in the URL wins.
+MONGO_SOCKET_TIMEOUT_MS = 60_000
+
+
+def mongo_client(settings: Settings | str, *, server_selection_ms: int = 5000, **kwargs: Any) -> Any:
+    """A ``pymongo.MongoClient`` for ``settings.mongo_url`` (or a URL) with QAFlow's timeouts."""
+    import pymongo
+
+    url = settings if isinstance(settings, str) else settings.mongo_url
+    opts: dict[str, Any] = {"serverSelectionTimeoutMS": server_selection_ms, **kwargs}
+    if "sockettimeoutms" not in url.lower():
+        opts.setdefault("socketTimeoutMS", MONGO_SOCKET_TIMEOUT_MS)
+    return pymongo.MongoClient(url, **opts)

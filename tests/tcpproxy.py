@@ -7,6 +7,7 @@ instead of trusting the client library::
         url = f"amqp://guest:guest@127.0.0.1:{proxy.port}/%2F"
         ...
         proxy.cut()          # every client sees its socket die
+        proxy.hold()         # or: connections stay open but nothing passes (a partition, a hung server)
 """
 from __future__ import annotations
 
@@ -28,6 +29,8 @@ class TCPProxy:
         self._lock = threading.Lock()
         self._socks: set[socket.socket] = set()
         self._closed = False
+        self._flowing = threading.Event()
+        self._flowing.set()
         self.accepted = 0
         self.cuts = 0
         self._thread = threading.Thread(target=self._accept_loop, name="tcpproxy-accept", daemon=True)
@@ -82,6 +85,9 @@ class TCPProxy:
                 data = src.recv(65536)
                 if not data:
                     break
+                while not self._flowing.wait(0.1):   # held: keep the bytes, send nothing
+                    if self._closed:
+                        return
                 dst.sendall(data)
         except OSError:
             pass
@@ -110,8 +116,16 @@ class TCPProxy:
         self.cuts += 1
         return len(socks)
 
+    def hold(self) -> None:
+        """Keep every connection open but pass nothing, either way, until :meth:`release`."""
+        self._flowing.clear()
+
+    def release(self) -> None:
+        self._flowing.set()
+
     def close(self) -> None:
         self._closed = True
+        self._flowing.set()
         try:
             self._listener.close()
         except OSError:

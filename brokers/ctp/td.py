@@ -668,7 +668,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from qapubsub.settings import ConfigError, Settings, redact_url
+    from qapubsub.settings import ConfigError, Settings, mongo_client, redact_url
     from qapubsub.sync import Connection, Consumer, FatalError, Publisher, TransportError
 
     from .vnpy_compat import VnpyMissing
@@ -682,9 +682,8 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     topo = Topology(amqp.namespace if args.namespace is None else args.namespace)
     try:
-        import pymongo
 
-        client: Any = pymongo.MongoClient(amqp.mongo_url, serverSelectionTimeoutMS=5000)
+        client: Any = mongo_client(amqp.mongo_url)
         client.admin.command("ping")
         store = MongoStore(client[amqp.mongo_db])
     except Exception as exc:  # noqa: BLE001

@@ -489,7 +489,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from qapubsub.settings import ConfigError, Settings
+    from qapubsub.settings import ConfigError, Settings, mongo_client
     from qapubsub.sync import Connection, Consumer, Publisher
 
     try:
@@ -504,9 +504,8 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_ERROR
     topo = Topology(amqp.namespace if args.namespace is None else args.namespace)
     try:
-        import pymongo
 
-        client: Any = pymongo.MongoClient(amqp.mongo_url, serverSelectionTimeoutMS=5000)
+        client: Any = mongo_client(amqp.mongo_url)
         client.admin.command("ping")
         store = MongoStore(client[amqp.mongo_db], collection="qmt_orders")
     except Exception as exc:  # noqa: BLE001
