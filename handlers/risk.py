@@ -167,25 +167,21 @@ class RiskGate:
         self._restore_working()
 
     def _restore_working(self) -> None:
-        """Working orders come back from the accounts' frozen orders (the account daemon keeps each
-        order it saw on qa.exec there, with the lots still open, until it is filled, cancelled or
-        rejected): without them a restarted router would let an account exceed its working-order,
-        position and exposure limits, or close more than it holds."""
-        import msgspec
+        """Working orders come back from the account documents (the account daemon keeps each order it
+        saw on qa.exec, with the lots still open, until it is filled, cancelled or rejected): without
+        them a restarted router would let an account exceed its working-order, position and exposure
+        limits, or close more than it holds."""
+        from qaaccount.store import AccountStore
 
-        from qaorder.models import Order
-
+        accounts = AccountStore(self.db, self.instruments)
         restored = 0
-        for doc in self.orders.accounts.find({}, {"frozen": 1}):
-            for oid, fz in (doc.get("frozen") or {}).items():
-                if not isinstance(fz, dict) or "order" not in fz:
-                    continue
-                try:
-                    order = msgspec.convert(fz["order"], Order)
-                    left = int(fz.get("amount", order.volume))
-                except (msgspec.ValidationError, TypeError, ValueError) as exc:
-                    log.warning("working order %s of %s not restored: %s", oid, doc.get("_id"), exc)
-                    continue
+        for doc in accounts.docs():
+            try:
+                working = accounts.from_doc(doc).working()
+            except Exception as exc:  # noqa: BLE001 - one bad document must not stop the router
+                log.warning("working orders of %s not restored: %s", doc.get("_id"), exc)
+                continue
+            for order, left in working:
                 self.engine.restore_working(order, left, self.market)
                 restored += 1
         if restored:

@@ -289,7 +289,11 @@ class Account:
         return [oid for oid, w in self._working.items() if not w.closed]
 
     def working_orders(self) -> list[Order]:
-        return [w.order for w in self._working.values() if not w.closed]
+        return [order for order, _left in self.working()]
+
+    def working(self) -> list[tuple[Order, int]]:
+        """Orders still working (not cancelled or rejected) with the lots still expected to fill."""
+        return [(w.order, w.left) for w in self._working.values() if not w.closed]
 
     def position(self, exchange: str, symbol: str) -> Position | None:
         return self.positions.get(position_key(exchange, symbol))
