@@ -40,6 +40,9 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from benchmarks.bench_pipeline import _load, _mongo_url
+from benchmarks.bench_pipeline import _url as _single_url
+
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
 
@@ -60,19 +63,6 @@ def _cluster_urls() -> tuple[list[str], list[str]]:
     return urls, mgmt
 
 
-def _single_url() -> str:
-    return (os.environ.get("QA_AMQP_URL") or "amqp://guest:guest@127.0.0.1:5672/%2F").split(",")[0]
-
-
-def _mongo_url() -> str:
-    url = os.environ.get("QA_MONGO_URL")
-    if not url:
-        raise RuntimeError("QA_MONGO_URL is not set (source .qaflow/servers.env)")
-    return url
-
-
-def _load() -> list[float]:
-    return [round(x, 2) for x in os.getloadavg()]
 
 
 def _channel_do(url: str, fn: Any) -> Any:

@@ -24,8 +24,6 @@ a. **Latency** ``qaorder`` -> ``python -m handlers.router`` -> ``qa.exec`` ->
    per message, ack) -> exclusive queue -> consumer (here). And the same with three hops
    (two relays, a quorum queue between them): the order path's hops alone, without its
    MongoDB writes or any logic -- if that misses the goal, the path cannot meet it here.
-   (``relay_baseline(persist=True)`` inserts one document before each republish; not in
-   the run: a serial insert + confirm per message saturates a relay at 200/s.)
 
 b. **Copy-trade throughput**: leader ``L`` with 10 follower rules (ratio 1, added with
    ``OrderStore.add_rule`` as ``qaflow follow add`` does); N leader orders published at
@@ -216,7 +214,6 @@ class Bench:
         self.topo = Topology(self.ns)
         self.client = pymongo.MongoClient(self.mongo_url, serverSelectionTimeoutMS=3000)
         self.db = self.client[f"bench_orders_{tag}"]
-        self.db_name = self.db.name
         self.tmp = Path(tempfile.mkdtemp(prefix="bench-orders-"))
         self.env = {**os.environ, "QA_AMQP_URL": self.url, "QA_MONGO_URL": self.mongo_url,
                     "QA_MONGO_DB": self.db.name, "QA_NAMESPACE": self.ns, "QA_LOG_LEVEL": "WARNING",
@@ -353,14 +350,12 @@ class Bench:
             time.sleep(0.02)
         return True
 
-    def relay_baseline(self, seconds: float, *, hops: int = 2, persist: bool = False) -> dict[str, Any]:
+    def relay_baseline(self, seconds: float, *, hops: int = 2) -> dict[str, Any]:
         """Raw pika relay chain at RATE: ``hops`` broker hops through quorum queues (``hops - 1``
-        relay processes, each republishing persistent with a confirm per message); with
-        ``persist`` every relay first inserts one document into MongoDB -- the order path's
-        guarantees (persist, then publish confirmed) without any of its logic."""
+        relay processes, each republishing persistent with a confirm per message)."""
         import pika
 
-        tag = f"{hops}{'p' if persist else ''}"
+        tag = str(hops)
         ch = self._fresh()
         queues = [f"{self.ns}bench.relay{tag}.q{i}" for i in range(hops - 1)]
         exchanges = [f"{self.ns}bench.relay{tag}.x{i}" for i in range(hops - 1)]
@@ -372,10 +367,9 @@ class Bench:
         ch.exchange_declare(exchanges[-1], "topic", durable=True)
         self.extra_queues.extend(queues)
         self.extra_exchanges.extend(exchanges)
-        mongo = ["--mongo-url", self.mongo_url, "--mongo-db", self.db_name] if persist else []
         for i, q in enumerate(queues):
             w = Worker("relay", "--url", self.url, "--in-queue", q, "--out-exchange", exchanges[i],
-                       "--out-key", "LAT.order", *mongo)
+                       "--out-key", "LAT.order")
             self.workers.append(w)
         col = Collector(self.url, exchanges[-1], "LAT.order")
         body_pad = "x" * 260   # the order JSON is ~330 bytes
@@ -403,7 +397,7 @@ class Bench:
                 w.finish()
         lat = [t_recv - json.loads(b)["ts"] for b, t_recv in col.got]
         return {"offered_rate": RATE, "achieved_send_rate": round(achieved, 1), "messages": n, "hops": hops,
-                "persist": persist, "received": len(lat), **_stats(lat)}
+                "received": len(lat), **_stats(lat)}
 
     # b. throughput -----------------------------------------------------------------------
     def setup_followers(self) -> list[str]:
