@@ -71,8 +71,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:  # noqa: C901 - a script of steps, read top to bottom
-    import pymongo
-
     from brokers.random_source import RandomSource
     from qaaccount.store import AccountExists, AccountStore
     from qamarket.store import TickStore
@@ -81,7 +79,7 @@ def run(args: argparse.Namespace) -> int:  # noqa: C901 - a script of steps, rea
     from qaorder.store import OrderStore
     from qapubsub import keys
     from qapubsub.messages import new_id
-    from qapubsub.settings import Settings, redact_url
+    from qapubsub.settings import Settings, mongo_client, redact_url
     from qapubsub.sync import Connection, Publisher, StreamPublisher
     from qapubsub.topology import Topology
     from qamarket.sessions import to_ms
@@ -92,7 +90,7 @@ def run(args: argparse.Namespace) -> int:  # noqa: C901 - a script of steps, rea
     topo = Topology(settings.namespace)
     say(f"QAFlow demo -- broker {redact_url(settings.amqp_url)}, MongoDB {redact_url(settings.mongo_url)} "
         f"(database {settings.mongo_db})")
-    client = pymongo.MongoClient(settings.mongo_url, serverSelectionTimeoutMS=5000)
+    client = mongo_client(settings)
     db = client[settings.mongo_db]
     conn = Connection(settings, client_name="qaflow-demo")
     topo.declare_sync(conn.channel(), queues=(*topo.platform_queues, *(topo.exec_queue(a) for a in ACCOUNTS)))

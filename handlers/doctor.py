@@ -14,7 +14,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
-from qapubsub.settings import Settings, redact_url
+from qapubsub.settings import Settings, mongo_client, redact_url
 from qapubsub.topology import Topology
 
 OK, WARN, FAIL = "OK", "WARN", "FAIL"
@@ -135,10 +135,8 @@ def check_cluster(topo: Topology, nodes: list[dict[str, Any]], found: dict[str, 
 
 
 def _mongo_check(settings: Settings) -> Check:
-    import pymongo
-
     try:
-        client = pymongo.MongoClient(settings.mongo_url, serverSelectionTimeoutMS=2500)
+        client = mongo_client(settings, server_selection_ms=2500)
         try:
             client.admin.command("ping")
             info = client.admin.command("buildInfo")

@@ -88,14 +88,14 @@ _FRAME_TYPES = frozenset((1, 2, 3, 8))   # method, header, body, heartbeat
 _GATHER_OVER = 16 * 1024                 # a frame this much larger than what has arrived: gather its reads
 
 
-def _install_send_coalescing() -> bool:
+def _tune_pika_transport() -> bool:
     try:
         import pika.connection
         import pika.frame
         from pika.adapters.utils.io_services_utils import _AsyncPlaintextTransport
     except ImportError:  # another pika layout: keep its own behaviour
         return False
-    if getattr(_AsyncPlaintextTransport, "_qaflow_coalescing", False):
+    if getattr(_AsyncPlaintextTransport, "_qaflow_tuned", False):
         return True
     if os.environ.get("QA_PIKA_STOCK"):  # escape hatch: pika exactly as shipped
         return False
@@ -154,11 +154,11 @@ def _install_send_coalescing() -> bool:
     _AsyncPlaintextTransport._produce = _produce  # noqa: SLF001
     _AsyncPlaintextTransport._MAX_RECV_BYTES = RECV_BYTES  # noqa: SLF001
     conn_cls._on_data_available = _on_data_available  # noqa: SLF001
-    _AsyncPlaintextTransport._qaflow_coalescing = True  # type: ignore[attr-defined]
+    _AsyncPlaintextTransport._qaflow_tuned = True  # type: ignore[attr-defined]
     return True
 
 
-SEND_COALESCING = _install_send_coalescing()
+PIKA_TUNED = _tune_pika_transport()
 
 
 # 404 replies for a durable queue that exists but is momentarily unavailable on a cluster: its home node

@@ -245,7 +245,7 @@ def test_a_burst_goes_out_in_few_send_calls_and_arrives_intact(amqp_url: str, to
     three frames). With the pinned pika the patch must be in place, and every byte must still arrive."""
     from qapubsub import sync
 
-    assert sync.SEND_COALESCING, "pika's transport layout changed: qapubsub.sync._install_send_coalescing"
+    assert sync.PIKA_TUNED, "pika's transport layout changed: qapubsub.sync._tune_pika_transport"
     q = topology.durable_queue(topology.name("t.burst"), Binding(topology.exec, "burst"))
     declare_queue_sync(amqp_channel, q)
     conn = Connection(urls=[amqp_url])

@@ -50,7 +50,7 @@ def _stream(body_sizes: list[int]) -> list[bytes]:
                       min_size=1, max_size=8),
        cuts=st.lists(st.integers(min_value=1, max_value=90_000), min_size=1, max_size=40))
 def test_every_frame_comes_out_once_whole_and_in_order_whatever_the_reads(sizes: list[int], cuts: list[int]) -> None:
-    assert sync.SEND_COALESCING, "the tuning is not installed (QA_PIKA_STOCK set, or another pika layout)"
+    assert sync.PIKA_TUNED, "the tuning is not installed (QA_PIKA_STOCK set, or another pika layout)"
     frames = _stream(sizes)
     data = b"".join(frames)
     sink = _Sink()
