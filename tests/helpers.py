@@ -5,9 +5,9 @@ import asyncio
 import os
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 
@@ -54,3 +54,28 @@ def risk_url() -> str:
             if "QA_RISK_AMQP_URL=" in line:
                 url = line.split("=", 1)[1].strip().strip("'\"")
     return url
+
+
+def cleaned(ticks: Iterable[Any]) -> Iterator[Any]:
+    """The ticks a fresh ``TickCleaner`` per instrument keeps, in order: what the tickhandler stores."""
+    from qamarket.cleaning import TickCleaner
+    from qamarket.models import DEFAULT_REGISTRY
+
+    cleaners: dict[tuple[str, str], TickCleaner] = {}
+    for t in ticks:
+        key = (t.exchange, t.symbol)
+        c = cleaners.get(key)
+        if c is None:
+            c = cleaners[key] = TickCleaner(DEFAULT_REGISTRY.get(t.symbol, t.exchange))
+        if c.check(t) is None:
+            yield t
+
+
+def expected_after_cleaning(ticks: Iterable[Any]) -> dict[tuple[str, str], list[tuple[Any, ...]]]:
+    """``{(exchange, symbol): [market fields of each kept tick]}``, comparable with the tick store."""
+    from brokers.random_source import market_fields
+
+    out: dict[tuple[str, str], list[tuple[Any, ...]]] = {}
+    for t in cleaned(ticks):
+        out.setdefault((t.exchange, t.symbol), []).append(market_fields(t))
+    return out

@@ -201,7 +201,8 @@ def _tick_env(cluster: Cluster, first: str, topo: Topology, mongo_url: str, db: 
 def test_stop_the_node_of_a_tick_shards_consumer_standby_takes_over(cluster: Cluster, ctopo: Topology,
                                                                      mongo_url: str, mongo_db: Any,
                                                                      tmp_path: Path) -> None:
-    from tests.integration.test_tickhandler import _expected_after_cleaning, _stored, _ticks
+    from tests.helpers import expected_after_cleaning
+    from tests.integration.test_tickhandler import _stored, _ticks
 
     from qamarket.aggregation import Aggregator
     from qamarket.models import Bar
@@ -222,7 +223,7 @@ def test_stop_the_node_of_a_tick_shards_consumer_standby_takes_over(cluster: Clu
     ch.queue_declare(bars_q, durable=True)
     ch.queue_bind(bars_q, ctopo.bar, routing_key=keys.ALL)
     ticks = _ticks(6000, seed=21)
-    expected = _expected_after_cleaning(ticks)
+    expected = expected_after_cleaning(ticks)
     total = sum(len(v) for v in expected.values())
     logs = {k: tmp_path / f"{k}.log" for k in ("a", "b", "c")}
     args = ("--shards", "2", "--batch-size", "200")

@@ -33,6 +33,7 @@ from typing import Any
 import pika
 import pytest
 
+from tests.helpers import expected_after_cleaning as expected_ticks
 from tests.helpers import free_port
 from tests.helpers import risk_url as configured_risk_url
 from tests.helpers import wait_for
@@ -471,21 +472,6 @@ class Monitor:
                     break
                 self.seen[kind].append((m.routing_key, props.message_id, json.loads(body)))
         conn.close()
-
-
-def expected_ticks(ticks: list[Any]) -> dict[tuple[str, str], list[tuple[Any, ...]]]:
-    from brokers.random_source import market_fields
-    from qamarket.cleaning import TickCleaner
-    from qamarket.models import DEFAULT_REGISTRY
-
-    cleaners: dict[tuple[str, str], Any] = {}
-    out: dict[tuple[str, str], list[tuple[Any, ...]]] = {}
-    for t in ticks:
-        key = (t.exchange, t.symbol)
-        c = cleaners.setdefault(key, TickCleaner(DEFAULT_REGISTRY.get(t.symbol, t.exchange)))
-        if c.check(t) is None:
-            out.setdefault(key, []).append(market_fields(t))
-    return out
 
 
 def stored_ticks(db: Any) -> dict[tuple[str, str], list[tuple[Any, ...]]]:

@@ -18,7 +18,7 @@ from qapubsub.messages import decode
 from qapubsub.sync import Connection, StreamPublisher
 from qapubsub.topology import Topology
 from tests import daemons
-from tests.helpers import wait_for
+from tests.helpers import cleaned, expected_after_cleaning, wait_for
 
 pytestmark = pytest.mark.integration
 INSTRUMENTS = ["SHFE.rb2605", "DCE.i2605", "CZCE.SR605"]
@@ -56,15 +56,6 @@ def _drain_bars(channel, queue: str) -> list[tuple[str, Bar]]:
         out.append((props.message_id, decode(body, Bar)))
 
 
-def _expected_after_cleaning(ticks: list[Tick]) -> dict[tuple[str, str], list[tuple]]:
-    cleaners: dict[tuple[str, str], TickCleaner] = {}
-    out: dict[tuple[str, str], list[tuple]] = {}
-    for t in ticks:
-        key = (t.exchange, t.symbol)
-        c = cleaners.setdefault(key, TickCleaner(DEFAULT_REGISTRY.get(t.symbol, t.exchange)))
-        if c.check(t) is None:
-            out.setdefault(key, []).append(market_fields(t))
-    return out
 
 
 def _ticks(n: int, seed: int = 11) -> list[Tick]:
@@ -84,7 +75,7 @@ def _stored(mongo_db) -> dict[tuple[str, str], list[tuple]]:
 def test_ticks_stored_once_and_bars_on_bus_equal_bars_in_db(amqp_url, topology, env, mongo_db, amqp_channel,
                                                              bar_queue, tmp_path: Path) -> None:
     ticks = _ticks(3000)
-    expected = _expected_after_cleaning(ticks)
+    expected = expected_after_cleaning(ticks)
     with daemons.running("handlers.tickhandler", env=env, log=tmp_path / "th.log") as proc:
         _publish(amqp_url, topology, ticks)
         total = sum(len(v) for v in expected.values())
@@ -108,7 +99,7 @@ def test_ticks_stored_once_and_bars_on_bus_equal_bars_in_db(amqp_url, topology, 
 def test_kill_9_mid_stream_loses_nothing_and_stores_nothing_twice(amqp_url, topology, env, mongo_db, bar_queue,
                                                                   amqp_channel, tmp_path: Path) -> None:
     ticks = _ticks(12000, seed=5)
-    expected = _expected_after_cleaning(ticks)
+    expected = expected_after_cleaning(ticks)
     total = sum(len(v) for v in expected.values())
     log = tmp_path / "th.log"
     proc = daemons.start("handlers.tickhandler", "--batch-size", "200", env=env, log=log)
@@ -144,7 +135,7 @@ def test_malformed_tick_is_dead_lettered_and_the_daemon_goes_on(amqp_url, topolo
         amqp_channel.basic_publish(topology.tick, "SHFE.rb2605", b'{"schema":"qa.tick","symbol":"rb2605"}')
         amqp_channel.basic_publish(topology.tick, "XXX.zz", b"not json")
         _publish(amqp_url, topology, good)
-        expected = _expected_after_cleaning(good)
+        expected = expected_after_cleaning(good)
         wait_for(lambda: _stored(mongo_db) == expected, timeout=30, what="good ticks stored after bad ones")
 
         def dead() -> list[str]:
@@ -167,7 +158,7 @@ def test_two_shards_split_instruments_and_a_standby_takes_over(amqp_url, topolog
     """Ticks spread over 2 shards by instrument (each instrument whole on one shard); a second instance of
     shard 0 stands by (single active consumer) and takes over when the first stops."""
     ticks = _ticks(4000, seed=9)
-    expected = _expected_after_cleaning(ticks)
+    expected = expected_after_cleaning(ticks)
     total = sum(len(v) for v in expected.values())
     logs = {name: tmp_path / f"{name}.log" for name in ("s0", "s0b", "s1")}
     q0, q1 = topology.tick_queue(0).name, topology.tick_queue(1).name
@@ -269,7 +260,7 @@ def test_a_failed_store_write_loses_nothing_when_the_batch_comes_again(mongo_db)
         pipe.handle(items)
     again = [(t, SimpleNamespace(delivery_tag=d.delivery_tag, redelivered=True)) for t, d in items]
     assert pipe.handle(again) == {}
-    assert _stored(mongo_db) == _expected_after_cleaning(ticks)
+    assert _stored(mongo_db) == expected_after_cleaning(ticks)
 
 
 def _one_shot_bars(ticks: list[Tick]) -> dict[str, tuple]:
@@ -277,14 +268,11 @@ def _one_shot_bars(ticks: list[Tick]) -> dict[str, tuple]:
     from qamarket.aggregation import Aggregator
 
     agg = Aggregator(freqs=("1min",), realtime=())
-    cleaners: dict[tuple[str, str], TickCleaner] = {}
     out = {}
-    for t in ticks:
-        c = cleaners.setdefault((t.exchange, t.symbol), TickCleaner(DEFAULT_REGISTRY.get(t.symbol, t.exchange)))
-        if c.check(t) is None:
-            for b in agg.on_tick(t):
-                if b.final and b.freq == "1min":
-                    out[f"{b.exchange}.{b.symbol}.{b.datetime}"] = (b.open, b.high, b.low, b.close, b.volume)
+    for t in cleaned(ticks):
+        for b in agg.on_tick(t):
+            if b.final and b.freq == "1min":
+                out[f"{b.exchange}.{b.symbol}.{b.datetime}"] = (b.open, b.high, b.low, b.close, b.volume)
     return out
 
 
@@ -344,7 +332,7 @@ def test_the_background_writer_fails_requeues_rebuilds_and_loses_nothing(mongo_d
         pipe.flush()
     finally:
         pipe.close()
-    assert _stored(mongo_db) == _expected_after_cleaning(ticks)
+    assert _stored(mongo_db) == expected_after_cleaning(ticks)
     # rebuilt from the store, the instruments took the redelivered ticks as new, not as late ones
     assert pipe.counts["stored_late"] == 0 and pipe.counts["stored"] == sum(map(len, _stored(mongo_db).values()))
     expected_bars = _one_shot_bars(ticks)
