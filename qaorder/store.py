@@ -135,6 +135,7 @@ class OrderStore:
             self.children.create_index([("parent_id", ASCENDING)])
             self.audit_coll.create_index([("parent_id", ASCENDING)])
             self.audit_coll.create_index([("records.parent_id", ASCENDING)])
+            self.audit_coll.create_index([("orders", ASCENDING)])
             self.orders.create_index([("children.account", ASCENDING)])
 
     # version ----------------------------------------------------------------------------
@@ -329,12 +330,37 @@ class OrderStore:
         if docs:
             self.audit_coll.insert_many(docs)
 
-    def audit_batch(self, records: Sequence[AuditRecord | Mapping[str, Any]]) -> None:
-        """ONE document for many records (a router batch)."""
-        if records:
-            now = time.time_ns()
-            self.audit_coll.insert_one({"batch": True, "ts": now, "records": [
-                {**(msgspec.to_builtins(r) if isinstance(r, AuditRecord) else dict(r)), "ts": now} for r in records]})
+    def audit_batch(self, records: Sequence[AuditRecord | Mapping[str, Any]], *, orders: Sequence[str] = (),
+                    ts: int | None = None) -> None:
+        """ONE document for many records (a router batch). ``orders``: the plans whose routing
+        decisions this document holds (:meth:`audited_orders` finds them); ``ts``: when the
+        decisions were taken (default: now)."""
+        self.audit_batches([(records, orders, ts)])
+
+    def audit_batches(self, batches: Sequence[tuple[Sequence[AuditRecord | Mapping[str, Any]], Sequence[str],
+                                                    int | None]]) -> None:
+        """:meth:`audit_batch` for several batches ``(records, orders, ts)``: ONE ``insert_many``."""
+        docs = []
+        for records, orders, ts in batches:
+            if not (records or orders):
+                continue
+            now = time.time_ns() if ts is None else ts
+            doc: dict[str, Any] = {"batch": True, "ts": now, "records": [
+                {**(msgspec.to_builtins(r) if isinstance(r, AuditRecord) else dict(r)), "ts": now} for r in records]}
+            if orders:
+                doc["orders"] = list(orders)
+            docs.append(doc)
+        if docs:
+            self.audit_coll.insert_many(docs)
+
+    def audited_orders(self, ids: Sequence[str]) -> set[str]:
+        """Which of the plans ``ids`` have their routing decisions in the audit collection."""
+        if not ids:
+            return set()
+        found: set[str] = set()
+        for d in self.audit_coll.find({"orders": {"$in": list(ids)}}, {"orders": 1}):
+            found.update(d.get("orders") or [])
+        return found & set(ids)
 
     def audit_of(self, **query: Any) -> list[dict[str, Any]]:
         """Records matching ``query`` (equality on fields), single documents and batch records alike."""

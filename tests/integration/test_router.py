@@ -101,10 +101,13 @@ class Env:
         return d
 
     # router ------------------------------------------------------------------------------
-    def start(self, **kw: Any) -> Any:
+    def start(self, before: Any = None, **kw: Any) -> Any:
+        """Run a router in a thread (``before(router)`` first: a test's fault injection)."""
         from handlers.router import Router
 
         self.router = Router(self.settings, self.topo, self.db, **kw)
+        if before is not None:
+            before(self.router)
         self.thread = threading.Thread(target=self.router.run, daemon=True)
         self.thread.start()
         wait_for(self.router.consumer.ready.is_set, 10, what="router consuming")
@@ -449,3 +452,89 @@ def test_force_close_then_opening_orders_in_the_next_batch_are_refused(env: Env)
     assert "o-open" not in ids and ids[-1] == "o-close"
     rep = env.collect(env.reports, 1)
     assert rep[0]["order_id"] == "o-open" and rep[0]["field"] == "offset"
+
+
+# the writes after the confirms (writer thread) and the pushed risk queue ------------------------
+@pytest.mark.parametrize("failing", ["audit_batches", "finish_many"])
+def test_marks_failing_after_the_publish_requeue_the_batch_which_resumes_once(env: Env, failing: str) -> None:
+    """The audit document and the ``routed`` mark are written after the confirms, on the writer
+    thread. When that write fails the batch is requeued: the redelivery publishes the same child
+    (same message id) again, audits the decisions only if their document is missing, and marks
+    the plan."""
+    from pymongo.errors import OperationFailure
+
+    env.executor("acc")
+    router = env.start()
+    real = getattr(router.store, failing)
+    calls: list[int] = []
+
+    def fail_once(*a: Any, **kw: Any) -> Any:
+        calls.append(1)
+        if len(calls) == 1:
+            raise OperationFailure(f"injected: {failing} failed")
+        return real(*a, **kw)
+
+    setattr(router.store, failing, fail_once)
+    env.order("acc", "w-1")
+    wait_for(lambda: (env.store.get_order("w-1") or {}).get("state") == "routed", 15, what="routed after the retry")
+    sent = env.get_all(env.topo.exec_queue("acc").name)
+    assert [b["order_id"] for _p, b in sent] == ["w-1", "w-1"]          # published again, same child ...
+    assert sent[0][0].message_id == sent[1][0].message_id                # ... with the same message id
+    assert len(env.store.audit_of(parent_id="w-1", action="direct")) == 1   # the decision, once
+    assert len(env.store.audit_of(parent_id="w-1", action="resume")) == 1
+
+
+def test_a_duplicate_delivered_while_the_first_is_being_marked_is_not_placed_again(env: Env) -> None:
+    """The stored plan still says ``planned`` while its batch's marks wait on the writer thread;
+    a second delivery of the order then must not be taken for a resume."""
+    env.executor("acc")
+    router = env.start()
+    release = threading.Event()
+    real = router.store.finish_many
+
+    def held(*a: Any, **kw: Any) -> Any:
+        release.wait(15)
+        return real(*a, **kw)
+
+    router.store.finish_many = held
+    try:
+        env.order("acc", "h-1")
+        wait_for(lambda: router.counts["orders"] == 1, 10, what="h-1 routed")
+        env.order("acc", "h-1")
+        wait_for(lambda: router.counts["duplicates"] == 1, 10, what="the second delivery seen as a duplicate")
+        assert env.store.get_order("h-1")["state"] == "planned"          # the marks had not landed
+    finally:
+        release.set()
+    wait_for(lambda: env.store.get_order("h-1")["state"] == "routed", 10, what="routed")
+    assert [b["order_id"] for _p, b in env.get_all(env.topo.exec_queue("acc").name)] == ["h-1"]
+    assert env.store.audit_of(parent_id="h-1", action="duplicate")
+
+
+def test_a_failed_risk_command_is_retried_before_the_ones_after_it(env: Env) -> None:
+    """Risk commands are pushed to the router. One that fails is requeued together with every
+    command after it, in order: a release queued right behind a force-close still ends the
+    account released, not reduce-only."""
+    url, user = _risk_identity(env)
+    _force_close_setup(env)
+    env.executor("acc")
+    declare_queue_sync(env.ch, env.topo.router_risk)
+    _risk_publish(env, ForceClose(command_id="fc-r", account="acc", reason="margin", operator="desk"), url, user)
+    _risk_publish(env, Release(command_id="rel-r", account="acc", operator="desk"), url, user)
+    calls: list[int] = []
+
+    def inject(router: Any) -> None:      # both commands are in the router's inbox when the first fails
+        real = router._on_force_close   # noqa: SLF001
+
+        def fail_once(cmd: Any) -> None:
+            calls.append(1)
+            if len(calls) == 1:
+                raise RuntimeError("injected: force-close failed")
+            real(cmd)
+
+        router._on_force_close = fail_once   # noqa: SLF001
+
+    env.start(before=inject)
+    wait_for(lambda: env.store.get_processed("release:rel-r") is not None, 15, what="the release handled")
+    assert len(calls) == 2                                               # the force-close, failed then done
+    assert env.store.get_processed("forceclose:fc-r")["state"] == "done"
+    assert not env.db["account_state"].find_one({"_id": "acc"})["reduce_only"]
