@@ -12,8 +12,8 @@ a. **Latency** ``qaorder`` -> ``python -m handlers.router`` -> ``qa.exec`` ->
    * ``received_ns`` of the router's ``orders`` document: set after the router got the
      delivery, polled the risk queue, checked the config version, decoded, looked the id
      up and routed -- i.e. *hop 1 + the router's pre-routing work*;
-   * ``done_ns`` of the same document: set by ``finish()`` after the plan/children/audit
-     writes, the confirmed publish of the child to ``qa.exec`` and its ``confirmed`` mark;
+   * ``done_ns`` of the same document: set when the router's writer thread marked the plan
+     ``routed`` (after the confirmed publish of the child and the batch's audit document);
    * the report's envelope ``ts``: set by ``SimBook`` when the executor made the
      NOTTRADED report, i.e. after hop 2 and the executor's decode;
    * ``t_recv``: here, when the report was delivered (after the executor persisted
@@ -24,6 +24,9 @@ a. **Latency** ``qaorder`` -> ``python -m handlers.router`` -> ``qa.exec`` ->
    per message, ack) -> exclusive queue -> consumer (here). And the same with three hops
    (two relays, a quorum queue between them): the order path's hops alone, without its
    MongoDB writes or any logic -- if that misses the goal, the path cannot meet it here.
+   And the floor of the issue's two hops with the path's guarantees but none of its logic:
+   the two-hop relay with one MongoDB ``insert_one`` before each republish (the router
+   stores its plan before it publishes the child; ``relay_baseline(persist=True)``).
 
 b. **Copy-trade throughput**: leader ``L`` with 10 follower rules (ratio 1, added with
    ``OrderStore.add_rule`` as ``qaflow follow add`` does); N leader orders published at
@@ -214,6 +217,7 @@ class Bench:
         self.topo = Topology(self.ns)
         self.client = pymongo.MongoClient(self.mongo_url, serverSelectionTimeoutMS=3000)
         self.db = self.client[f"bench_orders_{tag}"]
+        self.db_name = self.db.name
         self.tmp = Path(tempfile.mkdtemp(prefix="bench-orders-"))
         self.env = {**os.environ, "QA_AMQP_URL": self.url, "QA_MONGO_URL": self.mongo_url,
                     "QA_MONGO_DB": self.db.name, "QA_NAMESPACE": self.ns, "QA_LOG_LEVEL": "WARNING",
@@ -350,12 +354,14 @@ class Bench:
             time.sleep(0.02)
         return True
 
-    def relay_baseline(self, seconds: float, *, hops: int = 2) -> dict[str, Any]:
+    def relay_baseline(self, seconds: float, *, hops: int = 2, persist: bool = False) -> dict[str, Any]:
         """Raw pika relay chain at RATE: ``hops`` broker hops through quorum queues (``hops - 1``
-        relay processes, each republishing persistent with a confirm per message)."""
+        relay processes, each republishing persistent with a confirm per message); with
+        ``persist`` every relay first inserts one document into MongoDB -- the order path's
+        guarantees (persist, then publish confirmed) without any of its logic."""
         import pika
 
-        tag = str(hops)
+        tag = f"{hops}{'p' if persist else ''}"
         ch = self._fresh()
         queues = [f"{self.ns}bench.relay{tag}.q{i}" for i in range(hops - 1)]
         exchanges = [f"{self.ns}bench.relay{tag}.x{i}" for i in range(hops - 1)]
@@ -367,9 +373,10 @@ class Bench:
         ch.exchange_declare(exchanges[-1], "topic", durable=True)
         self.extra_queues.extend(queues)
         self.extra_exchanges.extend(exchanges)
+        mongo = ["--mongo-url", self.mongo_url, "--mongo-db", self.db_name] if persist else []
         for i, q in enumerate(queues):
             w = Worker("relay", "--url", self.url, "--in-queue", q, "--out-exchange", exchanges[i],
-                       "--out-key", "LAT.order")
+                       "--out-key", "LAT.order", *mongo)
             self.workers.append(w)
         col = Collector(self.url, exchanges[-1], "LAT.order")
         body_pad = "x" * 260   # the order JSON is ~330 bytes
@@ -397,7 +404,7 @@ class Bench:
                 w.finish()
         lat = [t_recv - json.loads(b)["ts"] for b, t_recv in col.got]
         return {"offered_rate": RATE, "achieved_send_rate": round(achieved, 1), "messages": n, "hops": hops,
-                "received": len(lat), **_stats(lat)}
+                "persist": persist, "received": len(lat), **_stats(lat)}
 
     # b. throughput -----------------------------------------------------------------------
     def setup_followers(self) -> list[str]:
@@ -599,6 +606,8 @@ def run(quick: bool = False, profile: bool = False) -> dict[str, Any]:
         res["relay_baseline"] = rb = b.relay_baseline(base_s)
         # the order path has three broker hops: what three hops alone cost here (no database, no logic)
         res["relay_3hop"] = rf = b.relay_baseline(base_s, hops=3)
+        # the two hops with the path's one write before the second (the router's plan), no logic
+        res["relay_2hop_persist"] = rp = b.relay_baseline(base_s, hops=2, persist=True)
         b.sim.stop()                      # free the CPU for the throughput part
         accounts = b.setup_followers()
         res["copytrade"] = ct = b.copytrade(accounts, n_ct, "ct", timeout=180)
@@ -635,6 +644,10 @@ def run(quick: bool = False, profile: bool = False) -> dict[str, Any]:
                 f'{s["two_hops"]["p50_ms"]}/{s["two_hops"]["p99_ms"]}', "ms",
                 baseline=f'{rb.get("p50_ms")}/{rb.get("p99_ms")}' if "relay_baseline" in res else None,
                 note="baseline: the raw pika 2-hop relay"),
+            fig("raw 2-hop relay + one MongoDB insert before the 2nd hop p50/p99 @200/s (the floor)",
+                f'{rp["p50_ms"]}/{rp["p99_ms"]}' if "relay_2hop_persist" in res else None, "ms",
+                note="the issue's two hops with the path's guarantees (plan stored, then published "
+                     "persistent + confirmed) and none of its logic"),
             fig("raw pika 3-hop relay p50/p99 @200/s (the path's hops alone)",
                 f'{rf["p50_ms"]}/{rf["p99_ms"]}' if "relay_3hop" in res else None, "ms",
                 note="3 quorum-queue hops, persistent, confirm per message, no database, no logic"),

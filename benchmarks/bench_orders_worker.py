@@ -7,7 +7,10 @@
 
 ``relay``: consumes ``Q`` (manual ack, prefetch 50), republishes each body persistent to
 ``X``/``K`` on a confirm-mode ``BlockingChannel`` (one confirm per message, as the router's
-``Publisher`` does), then acks. Prints ``READY``, runs until stdin closes, prints a JSON line.
+``Publisher`` does), then acks. With ``--mongo-url/--mongo-db`` it first inserts one small
+document per message (``insert_one``, ``_id`` = the message id: the write that the router's
+plan and the executor's order state make before they publish). Prints ``READY``, runs until
+stdin closes, prints a JSON line.
 
 ``publish``: publishes ``N`` persistent 400-byte bodies round-robin over the keys with
 publisher confirms, one by one (``BlockingChannel.confirm_delivery``) or gathered
@@ -32,9 +35,16 @@ def relay(a: argparse.Namespace) -> None:
     ch.basic_qos(prefetch_count=50)
     props = pika.BasicProperties(delivery_mode=2, content_type="application/json")
     n = 0
+    coll = None
+    if a.mongo_url:
+        import pymongo
+
+        coll = pymongo.MongoClient(a.mongo_url, serverSelectionTimeoutMS=5000)[a.mongo_db]["relay"]
 
     def on_msg(c: object, method: object, p: object, body: bytes) -> None:
         nonlocal n
+        if coll is not None:
+            coll.insert_one({"_id": f"{getattr(p, 'message_id', None)}-{n}", "body": body})
         ch.basic_publish(a.out_exchange, a.out_key, body, props, mandatory=True)
         ch.basic_ack(method.delivery_tag)  # type: ignore[attr-defined]
         n += 1
@@ -108,6 +118,8 @@ def main() -> None:
     p.add_argument("--keys")
     p.add_argument("--count", type=int, default=0)
     p.add_argument("--gathered", action="store_true")
+    p.add_argument("--mongo-url")
+    p.add_argument("--mongo-db", default="bench_relay")
     a = p.parse_args()
     try:
         relay(a) if a.role == "relay" else publish(a)
