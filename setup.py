@@ -16,6 +16,7 @@ setup(
         "pymongo>=4.9,<5",
         "motor>=3.6,<4",
         "msgspec>=0.18,<1",
+        "zstandard>=0.22,<1",  # tick chunk payloads (qamarket.store)
         "tornado>=6.4,<7",
         "prometheus-client>=0.20,<1",
     ],

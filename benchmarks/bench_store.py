@@ -1,4 +1,4 @@
-"""TickStore (bucketed, msgpack+zlib chunks) against one document per tick, in the same run.
+"""TickStore (bucketed, compressed msgpack chunks) against one document per tick, in the same run.
 
 ``run() -> dict`` (wired into ``make bench``); ``python -m benchmarks.bench_store`` prints it.
 Needs ``QA_MONGO_URL`` (the MongoDB-wire server); uses a throw-away database, dropped after.

@@ -86,6 +86,25 @@ def test_encode_decode_round_trip(vals: list[tuple[float, float, int]]) -> None:
     assert [[getattr(t, f) for f in fields] for t in back] == [[getattr(t, f) for f in fields] for t in ticks]
 
 
+def test_chunks_are_zstd_and_older_zlib_chunks_stay_readable() -> None:
+    """Chunks written before session 3 hold zlib(msgpack(rows)) and no codec field."""
+    import zlib
+
+    import msgspec
+    import pytest
+
+    from qamarket.store import StoreError, _row_of
+
+    ticks = [mk(T0 + i, float(i), p=3900.0 + i) for i in range(50)]
+    doc = encode_chunk(ticks)
+    assert doc["c"] == "zstd" and bytes(doc["z"])[:4] == b"\x28\xb5\x2f\xfd"   # the zstd frame magic
+    old = {k: v for k, v in doc.items() if k != "c"}
+    old["z"] = zlib.compress(msgspec.msgpack.encode([_row_of(t) for t in ticks]), 1)
+    assert [t.last_price for t in decode_chunk(old)] == [t.last_price for t in ticks]
+    with pytest.raises(StoreError, match="payload codec 'lz9'"):
+        decode_chunk({**doc, "c": "lz9"})
+
+
 def test_group_by_instrument_keeps_arrival_order() -> None:
     a, b, c = mk(T0, 1.0), mk(T0, 1.0, sym="hc2512"), mk(T0 + 1, 2.0)
     assert group_by_instrument([a, b, c]) == {("SHFE", "rb2512"): [a, c], ("SHFE", "hc2512"): [b]}
