@@ -139,6 +139,9 @@ def _tune_pika_transport() -> bool:
             if not frame_value:  # pragma: no cover - a complete frame always decodes (or raises)
                 break
             off += consumed
+            # pika's heartbeat checker counts received bytes (pika does it in _trim_frame_buffer,
+            # which this path skips): without it a connection is dropped as dead after 2 intervals
+            self.bytes_received += consumed
             self._process_frame(frame_value)  # noqa: SLF001
         rest = buf[off:] if off else buf
         if len(rest) >= 8 and rest[0] in _FRAME_TYPES:

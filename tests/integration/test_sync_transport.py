@@ -274,3 +274,22 @@ def test_a_burst_goes_out_in_few_send_calls_and_arrives_intact(amqp_url: str, to
     assert [decode(b, Ping).n for _p, b in bodies] == [-1, *range(600)]
     amqp_channel.queue_delete(q.name)
     conn.close()
+
+
+def test_an_idle_connection_outlives_its_heartbeat_timeout(amqp_url: str) -> None:
+    """pika's heartbeat checker counts received bytes. qapubsub's receive path decodes frames
+    itself, so it must count them too, or pika drops a healthy connection as dead at its first
+    check (heartbeat + 5 s; with the default 60 s heartbeat a busy router lost its connection
+    after 65 s and its batch in flight was redelivered)."""
+    import time
+
+    conn = Connection(urls=[amqp_url], heartbeat=1)
+    try:
+        blocking = conn.ensure()
+        gen = conn.generation
+        deadline = time.monotonic() + 8.0     # pika checks after 6 s: one check and a margin
+        while time.monotonic() < deadline:
+            blocking.process_data_events(time_limit=0.5)   # raises AMQPHeartbeatTimeout when dropped
+        assert blocking.is_open and conn.generation == gen
+    finally:
+        conn.close()

@@ -21,6 +21,7 @@ class _Sink:
     def __init__(self) -> None:
         self._frame_buffer = b""
         self.frames: list[bytes] = []
+        self.bytes_received = 0
 
     def _process_frame(self, frame_value) -> None:  # noqa: ANN001
         self.frames.append(frame_value.marshal())
@@ -30,6 +31,7 @@ class _Sink:
 
     def _trim_frame_buffer(self, n: int) -> None:
         self._frame_buffer = self._frame_buffer[n:]
+        self.bytes_received += n
 
 
 def _stream(body_sizes: list[int]) -> list[bytes]:
@@ -61,3 +63,4 @@ def test_every_frame_comes_out_once_whole_and_in_order_whatever_the_reads(sizes:
         pos, i = pos + n, i + 1
     assert sink.frames == frames
     assert not sink._frame_buffer and not sink.__dict__.get("_qaflow_pend")
+    assert sink.bytes_received == len(data)   # what pika's heartbeat checker reads
