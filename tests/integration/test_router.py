@@ -161,8 +161,9 @@ def test_group_fan_out_copy_trade_reverse_lot_rounding_and_cancel_propagation(en
     assert a1[0]["order_id"] == "G-1/g/a1" and a1[0]["volume"] == 3 and a1[0]["direction"] == "BUY"
     assert a2[0]["order_id"] == "G-1/g/a2"
     assert f1[0]["volume"] == 1 and f1[0]["direction"] == "SELL" and f1[0]["offset"] == "OPEN"   # 1.5 -> 1 lot
-    actions = {d["action"] for d in env.store.audit_of(parent_id="G-1")}
-    assert {"group", "follow"} <= actions
+    # the batch's audit document is written after its children are published (the writer thread)
+    wait_for(lambda: {"group", "follow"} <= {d["action"] for d in env.store.audit_of(parent_id="G-1")}, 10,
+             what="the group and follow decisions audited")
     env.publish(env.topo.order, "g1", {"schema": "qa.cancel", "order_id": "G-1", "account": "g1"})
     for acc in ("a1", "a2", "f1"):
         c = env.exec_msgs(acc, 1)[0]
@@ -507,7 +508,7 @@ def test_a_duplicate_delivered_while_the_first_is_being_marked_is_not_placed_aga
         release.set()
     wait_for(lambda: env.store.get_order("h-1")["state"] == "routed", 10, what="routed")
     assert [b["order_id"] for _p, b in env.get_all(env.topo.exec_queue("acc").name)] == ["h-1"]
-    assert env.store.audit_of(parent_id="h-1", action="duplicate")
+    wait_for(lambda: env.store.audit_of(parent_id="h-1", action="duplicate"), 10, what="the duplicate audited")
 
 
 def test_a_failed_risk_command_is_retried_before_the_ones_after_it(env: Env) -> None:
