@@ -588,9 +588,17 @@ def check_orders_and_fills(v: Verdict, db: Any, orders: list[str], mon: Monitor)
         v.fail(f"{len(lost_orders)} orders not routed: {lost_orders[:3]}", len(lost_orders))
     accepted: dict[str, str] = {}   # child order id -> message id
     for rec in [*recs.values(), *db.processed.find({})]:
+        # a plan marked routed/done had every child confirmed; only returned ones carry flags
+        # (confirmed + error); the flags of the others are written only while a record is planned
+        done = rec.get("state") in ("routed", "done")
         for c in rec.get("children", []):
-            if c.get("confirmed") and not c.get("error") and c.get("kind", "order") == "order":
+            if (done or c.get("confirmed")) and not c.get("error") and c.get("kind", "order") == "order":
                 accepted[c["order_id"]] = c["message_id"]
+    routed_children = {c["order_id"] for r in recs.values() if r.get("state") == "routed"
+                       for c in r.get("children", []) if not c.get("error")}
+    if not routed_children <= set(accepted):
+        v.fail("children of routed orders missing from the placement check below")
+    v.notes.append(f"{len(accepted)} accepted children checked: once on qa.exec with the planned id, placed")
     exec_ids: dict[str, set[str]] = defaultdict(set)
     exec_copies: Counter[str] = Counter()
     for _k, mid, b in mon.seen["exec"]:
