@@ -97,24 +97,9 @@ from typing import Any
 import msgspec
 
 from qaorder.dialects import decode_order
-from qaorder.models import (
-    Cancel,
-    ForceClose,
-    Offset,
-    Order,
-    OrderRejected,
-    OrderStatus,
-    Release,
-)
+from qaorder.models import Cancel, ForceClose, Offset, Order, OrderRejected, OrderStatus, Release
 from qaorder.models import Reject as RejectReport
-from qaorder.routing import (
-    FollowerRule,
-    PriceMode,
-    Sizing,
-    plan_force_close,
-    route,
-    route_cancel,
-)
+from qaorder.routing import FollowerRule, PriceMode, Sizing, plan_force_close, route, route_cancel
 from qaorder.store import OrderStore
 from qapubsub import handling, keys
 from qapubsub.messages import DecodeError, Message, decode, encode
@@ -238,8 +223,9 @@ class _Writes:
     result: dict[int, str]                     # the batch's {delivery_tag: reason}, for the consumer
     audit: list[Any]                           # its audit records (ONE document)
     orders: list[str]                          # the plans whose decisions those records are
-    finish: list[tuple[str, dict[str, list[str]], dict[str, dict[str, Any]]]]   # finish_many arguments
-    other: list[Callable[[], None]]            # e.g. status documents of returned children
+    states: dict[str, list[str]]               # plans to mark: {"routed"|"rejected": [ids]}
+    sets: dict[str, dict[str, Any]]            # per plan: the children's flags (returned children)
+    status_docs: list[dict[str, Any]]          # ``child_orders`` documents of returned children
     ts: int = field(default_factory=time.time_ns)
     future: Future[dict[int, str]] = field(default_factory=Future)
 
@@ -249,8 +235,8 @@ class _BatchWriter:
 
     The writes of the batches waiting together -- or handed over within ``linger`` s of the
     first of them -- go out as ONE ``insert_many`` of their audit documents (one per batch),
-    then their other writes, then ONE ``finish_many`` per collection (so a plan is never marked
-    before its decisions are audited). Fewer, larger writes leave the MongoDB server free for
+    the status documents of returned children, then ONE ``finish_many`` of the plans in
+    ``orders`` (so a plan is never marked before its decisions are audited). Fewer, larger writes leave the MongoDB server free for
     the plan inserts, which are on the order's path. Each batch's future is then done (or failed,
     all of them together: the consumer requeues the first and everything after it)."""
 
@@ -307,18 +293,14 @@ class _BatchWriter:
         try:
             try:
                 self.store.audit_batches([(w.audit, w.orders, w.ts) for w in jobs])
+                self.store.save_children([d for w in jobs for d in w.status_docs])
+                states: dict[str, list[str]] = {}
+                sets: dict[str, dict[str, Any]] = {}
                 for w in jobs:
-                    for job in w.other:
-                        job()
-                merged: dict[str, tuple[dict[str, list[str]], dict[str, dict[str, Any]]]] = {}
-                for w in jobs:
-                    for coll, states, sets in w.finish:
-                        m_states, m_sets = merged.setdefault(coll, ({}, {}))
-                        for state, ids in states.items():
-                            m_states.setdefault(state, []).extend(ids)
-                        m_sets.update(sets)
-                for coll, (states, sets) in merged.items():
-                    self.store.finish_many(coll, states, sets)
+                    for state, ids in w.states.items():
+                        states.setdefault(state, []).extend(ids)
+                    sets.update(w.sets)
+                self.store.finish_many("orders", states, sets)
             except ConnectionFailure as exc:   # MongoDB down: requeue after back-off, count no attempt
                 raise handling.Transient(f"MongoDB: {exc}") from exc
         except Exception as exc:  # noqa: BLE001 - every batch of the write fails with it
@@ -353,8 +335,9 @@ class Router:
         self._last_reload = 0.0
         self._audit_buf: list[Any] = []
         self._audit_orders: list[str] = []            # plans whose decisions are in _audit_buf
-        self._finish: list[tuple[str, dict[str, list[str]], dict[str, dict[str, Any]]]] = []  # this batch's marks
-        self._jobs: list[Callable[[], None]] = []     # and its other writes after its confirms
+        self._states: dict[str, list[str]] = {}       # this batch's marks of its plans ...
+        self._sets: dict[str, dict[str, Any]] = {}    # ... the flags of their returned children ...
+        self._status_docs: list[dict[str, Any]] = []  # ... and those children's child_orders documents
         self._writer = _BatchWriter(self.store)
         self._marking: list[str] = []                 # this batch's plans, marked by its writes
         self._unmarked: dict[str, Future[Any]] = {}   # plans published, marks maybe not landed yet
@@ -504,10 +487,11 @@ class Router:
         anything was published, so a crash or a failed write before these marks land only means a
         redelivery, which resumes the plans (their children go out again with the same ids) and
         audits the decisions whose audit document is missing."""
-        w = _Writes(result, self._audit_buf, self._audit_orders, self._finish, self._jobs)
+        w = _Writes(result, self._audit_buf, self._audit_orders, self._states, self._sets, self._status_docs)
         marking = self._marking
-        self._audit_buf, self._audit_orders, self._finish, self._jobs, self._marking = [], [], [], [], []
-        if not (w.audit or w.orders or w.finish or w.other):
+        self._audit_buf, self._audit_orders, self._status_docs, self._marking = [], [], [], []
+        self._states, self._sets = {}, {}
+        if not (w.audit or w.orders or w.states or w.status_docs):
             return result
         fut = self._writer.submit(w)
         for oid in marking:
@@ -653,16 +637,17 @@ class Router:
         records = [r for r in records if r]
         self._marking.extend(r["_id"] for r in records)
         self._publish_records("orders", records,
-                              lambda r: "routed" if r.get("children") else "rejected", deferred=True)
+                              lambda r: "routed" if r.get("children") else "rejected")
 
     def _publish_records(self, coll: str, records: Sequence[dict[str, Any]],
-                         final_state: Callable[[dict[str, Any]], str] | None,
-                         deferred: bool = False) -> None:
+                         final_state: Callable[[dict[str, Any]], str] | None) -> None:
         """Publish every unconfirmed child of ``records`` (same body, same ``message_id``), wait once
-        for all confirms, turn returned children into Reject reports, then mark the records with ONE
-        bulk write (``final_state`` per record; None: only the children's flags). ``deferred``: the
-        writes after the confirms go to the batch's writer job (:meth:`_submit_writes`) instead of
-        being made now; their audit records to the batch's audit document."""
+        for all confirms, turn returned children into Reject reports, then mark the records.
+
+        With ``final_state`` (the plans of orders, in ``orders``) the marks -- a state per record,
+        the returned children's flags, their status documents and audit records -- go to the
+        batch's writes behind it (:meth:`_submit_writes`). Without (a cancel or force-close record
+        in ``processed``) only the children's flags are written, now, with ONE bulk write."""
         if not records:
             return
         todo: list[tuple[dict[str, Any], int, dict[str, Any]]] = []
@@ -702,34 +687,23 @@ class Router:
                 failed.append({"action": "reject", "parent_id": rec["_id"], "account": c["account"],
                                "child_id": c["order_id"], "detail": err})
                 self.report_reject(c["account"], "account", err, order_id=c["order_id"], routing_key=c["routing_key"])
-        writes: list[Callable[[], None]] = []
         if failed:
             self.exec_pub.gather()                    # the Reject reports, before the records are marked
-            if status_docs:
-                writes.append(lambda: self.store.save_children(status_docs))
-            if deferred:
-                self._audit_buf.extend(failed)
-            else:
-                writes.append(lambda: self.store.audit_batch(failed))
-        if final_state is None:
-            if sets:
-                from pymongo import UpdateOne
-
-                ops = [UpdateOne({"_id": k}, {"$set": v}) for k, v in sets.items()]
-                writes.append(lambda: self.store.db[coll].bulk_write(ops, ordered=False))
-        else:
-            states: dict[str, list[str]] = {}
+        if final_state is not None:                   # plans of orders: marked behind the batch
+            self._audit_buf.extend(failed)
+            self._status_docs.extend(status_docs)
             for rec in records:
-                states.setdefault(final_state(rec), []).append(rec["_id"])
-            if deferred:
-                self._finish.append((coll, states, sets))
-            else:
-                writes.append(lambda: self.store.finish_many(coll, states, sets))
-        if deferred:
-            self._jobs.extend(writes)
-        else:
-            for w in writes:
-                w()
+                self._states.setdefault(final_state(rec), []).append(rec["_id"])
+            self._sets.update(sets)
+            return
+        if failed:
+            self.store.save_children(status_docs)
+            self.store.audit_batch(failed)
+        if sets:
+            from pymongo import UpdateOne
+
+            self.store.db[coll].bulk_write([UpdateOne({"_id": k}, {"$set": v}) for k, v in sets.items()],
+                                           ordered=False)
 
     def _publish_children(self, coll: str, rec: dict[str, Any]) -> None:
         """One record's unconfirmed children (cancels, force-close), flags marked; no state change."""
