@@ -106,6 +106,7 @@ _dt_of = operator.attrgetter("datetime")
 _day_src_of = operator.attrgetter("trading_day", "source")
 _lt = operator.lt
 _enc = msgspec.msgpack.Encoder()
+_dec = msgspec.msgpack.Decoder()
 _zstd = threading.local()   # zstandard's (de)compressors must not be shared between threads
 
 
@@ -126,7 +127,6 @@ def _decompress(doc: Mapping[str, Any]) -> bytes:
     if codec == "zlib":
         return zlib.decompress(doc["z"])
     raise StoreError(f"chunk {doc.get('_id')!r} has payload codec {codec!r}; this code reads zstd and zlib")
-_dec = msgspec.msgpack.Decoder()
 
 
 class StoreError(RuntimeError):
