@@ -139,3 +139,56 @@ def test_a_poison_message_is_isolated_and_dead_lettered_with_batches_in_flight(
     consumer.stop()
     amqp_channel.queue_delete(q.name)
     pub.connection.close()
+
+
+def test_a_batch_that_fails_because_an_earlier_one_failed_is_requeued_with_it(
+        amqp_url: str, topology: Topology, amqp_channel, run_in_thread) -> None:
+    """The tickhandler refuses a batch while an earlier one is known not stored: the refused
+    batch was already taken out of the collection, so the requeue of the earlier ones must
+    not leave it unacked (the next multiple-ack would then cover it, unhandled)."""
+    from qapubsub.errors import Backoff
+
+    q = topology.durable_queue(topology.name("t.pipelined.after"), Binding(topology.exec, "pa"))
+    lock = threading.Lock()
+    calls: list[list[tuple[int, bool]]] = []
+    first: list[Future[Any]] = []
+
+    def handler(items):  # noqa: ANN001, ANN202
+        with lock:
+            calls.append([(m.n, d.redelivered) for m, d in items])
+            n_calls = len(calls)
+        if n_calls == 1:
+            fut: Future[Any] = Future()
+            first.append(fut)
+            return fut
+        if n_calls == 2:   # the first one's write fails now, and this one is refused because of it
+            first[0].set_exception(Transient("the store went away"))
+            raise Transient("an earlier batch was not stored")
+        return {}
+
+    consumer = BatchConsumer(Connection(urls=[amqp_url]), q, handler, message_type=Ping, topology=topology,
+                             batch_size=10, batch_wait=0.05, prefetch=100, pipeline_depth=3,
+                             retry_backoff=Backoff(interval_start=0.01, interval_max=0.05))
+    run_in_thread(consumer)
+    assert consumer.ready.wait(10)
+    pub = StreamPublisher(Connection(urls=[amqp_url]), topology=topology)
+    for n in range(20):
+        pub.publish(topology.exec, "pa", Ping(n=n))
+    pub.flush()
+
+    def again() -> list[int]:
+        with lock:
+            return sorted(n for c in calls[2:] for n, r in c if r)
+
+    wait_for(lambda: len(again()) >= 20, timeout=20, what="both batches redelivered")
+    assert again() == list(range(20))
+    with lock:
+        assert sorted(n for c in calls[:2] for n, _r in c) == list(range(20))
+    wait_for(lambda: consumer.counts["acked"] >= 20, what="the redelivered messages acknowledged")
+    assert consumer.counts["requeued"] == 20
+    consumer.stop()
+    wait_for(lambda: not consumer.ready.is_set(), what="consumer stopped")
+    assert _depth(amqp_channel, q.name) == 0
+    amqp_channel.queue_delete(q.name)
+    pub.connection.close()
+
