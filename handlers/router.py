@@ -27,7 +27,7 @@ a lone order waits for nothing, a burst is routed in bulk). Per batch (:meth:`Ro
    the broker returned (tracked by message id: RabbitMQ sends ``basic.return`` before the ack
    of that message) becomes a Reject report for that child (``child_orders`` status REJECTED,
    the plan's child gets ``error``);
-5. the rest is handed to the writer thread (:class:`_BatchWriter`) and the next batch is
+5. the rest is handed to the writer thread (:func:`_write_batches`) and the next batch is
    routed meanwhile: ONE audit document for the batch's decisions, then ONE bulk write marking
    the orders ``routed`` (or ``rejected``: no child accepted), with the children's flags for
    those with returned children. The writes of batches waiting together (or within 5 ms) are
@@ -84,13 +84,10 @@ import argparse
 import hashlib
 import logging
 import os
-import queue
-import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future
-from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -102,6 +99,7 @@ from qaorder.models import Reject as RejectReport
 from qaorder.routing import FollowerRule, PriceMode, Sizing, plan_force_close, route, route_cancel
 from qaorder.store import OrderStore
 from qapubsub import handling, keys
+from qapubsub.coalesce import CoalescingWriter
 from qapubsub.messages import DecodeError, Message, decode, encode
 from qapubsub.settings import Settings, mongo_client
 from qapubsub.topology import Binding, Topology, declare_queue_sync
@@ -228,87 +226,37 @@ class _Writes:
     status_docs: list[dict[str, Any]]          # ``child_orders`` documents of returned children
     ts: int = field(default_factory=time.time_ns)
     future: Future[dict[int, str]] = field(default_factory=Future)
+    queued_at: float = field(default_factory=time.monotonic)
 
 
-class _BatchWriter:
-    """The router's writer thread: each batch's writes after its confirms, in order, coalesced.
+def _write_batches(store: OrderStore, jobs: list[_Writes]) -> None:
+    """The writes of routed batches, coalesced by the router's writer thread: ONE ``insert_many``
+    of their audit documents (one per batch), the status documents of returned children, then ONE
+    ``finish_many`` of the plans in ``orders`` (so a plan is never marked before its decisions are
+    audited). Fewer, larger writes leave the MongoDB server free for the plan inserts, which are on
+    the order's path. Each batch's future is then done -- or failed, all of them together: the
+    consumer requeues the first and everything after it."""
+    from pymongo.errors import ConnectionFailure
 
-    The writes of the batches waiting together -- or handed over within ``linger`` s of the
-    first of them -- go out as ONE ``insert_many`` of their audit documents (one per batch),
-    the status documents of returned children, then ONE ``finish_many`` of the plans in
-    ``orders`` (so a plan is never marked before its decisions are audited). Fewer, larger writes leave the MongoDB server free for
-    the plan inserts, which are on the order's path. Each batch's future is then done (or failed,
-    all of them together: the consumer requeues the first and everything after it)."""
-
-    def __init__(self, store: OrderStore, linger: float = WRITE_LINGER) -> None:
-        self.store = store
-        self.linger = linger
-        self._q: queue.SimpleQueue[_Writes | None] = queue.SimpleQueue()
-        self._pending: list[Future[Any]] = []
-        self._thread: threading.Thread | None = None
-
-    def submit(self, w: _Writes) -> Future[dict[int, str]]:
-        if self._thread is None or not self._thread.is_alive():
-            self._thread = threading.Thread(target=self._run, name="qaflow-router-writes", daemon=True)
-            self._thread.start()
-        self._pending = [f for f in self._pending if not f.done()] + [w.future]
-        self._q.put(w)
-        return w.future
-
-    def wait_all(self) -> None:
-        wait_futures(self._pending)
-        self._pending = []
-
-    def close(self) -> None:
-        if self._thread is not None and self._thread.is_alive():
-            self._q.put(None)
-            self._thread.join()
-        self._thread = None
-
-    def _run(self) -> None:
-        while True:
-            first = self._q.get()
-            if first is None:
-                return
-            jobs = [first]
-            deadline = time.monotonic() + self.linger
-            stop = False
-            while True:
-                left = deadline - time.monotonic()
-                try:
-                    nxt = self._q.get(timeout=left) if left > 0 else self._q.get_nowait()
-                except queue.Empty:
-                    break
-                if nxt is None:
-                    stop = True
-                    break
-                jobs.append(nxt)
-            self._write(jobs)
-            if stop:
-                return
-
-    def _write(self, jobs: list[_Writes]) -> None:
-        from pymongo.errors import ConnectionFailure
-
+    try:
         try:
-            try:
-                self.store.audit_batches([(w.audit, w.orders, w.ts) for w in jobs])
-                self.store.save_children([d for w in jobs for d in w.status_docs])
-                states: dict[str, list[str]] = {}
-                sets: dict[str, dict[str, Any]] = {}
-                for w in jobs:
-                    for state, ids in w.states.items():
-                        states.setdefault(state, []).extend(ids)
-                    sets.update(w.sets)
-                self.store.finish_many("orders", states, sets)
-            except ConnectionFailure as exc:   # MongoDB down: requeue after back-off, count no attempt
-                raise handling.Transient(f"MongoDB: {exc}") from exc
-        except Exception as exc:  # noqa: BLE001 - every batch of the write fails with it
+            store.audit_batches([(w.audit, w.orders, w.ts) for w in jobs])
+            store.save_children([d for w in jobs for d in w.status_docs])
+            states: dict[str, list[str]] = {}
+            sets: dict[str, dict[str, Any]] = {}
             for w in jobs:
-                w.future.set_exception(exc)
-            return
+                for state, ids in w.states.items():
+                    states.setdefault(state, []).extend(ids)
+                sets.update(w.sets)
+            store.finish_many("orders", states, sets)
+        except ConnectionFailure as exc:   # MongoDB down: requeue after back-off, count no attempt
+            raise handling.Transient(f"MongoDB: {exc}") from exc
+    except Exception as exc:  # noqa: BLE001 - every batch of the write fails with it
         for w in jobs:
-            w.future.set_result(w.result)
+            w.future.set_exception(exc)
+        return
+    for w in jobs:
+        w.future.set_result(w.result)
 
 
 class Router:
@@ -338,7 +286,10 @@ class Router:
         self._states: dict[str, list[str]] = {}       # this batch's marks of its plans ...
         self._sets: dict[str, dict[str, Any]] = {}    # ... the flags of their returned children ...
         self._status_docs: list[dict[str, Any]] = []  # ... and those children's child_orders documents
-        self._writer = _BatchWriter(self.store)
+        # the batches' writes, in order; those handed over within WRITE_LINGER s of the first waiting
+        # one are coalesced (_write_batches)
+        self._writer: CoalescingWriter[_Writes] = CoalescingWriter(
+            lambda jobs: _write_batches(self.store, jobs), name="qaflow-router-writes", linger=WRITE_LINGER)
         self._marking: list[str] = []                 # this batch's plans, marked by its writes
         self._unmarked: dict[str, Future[Any]] = {}   # plans published, marks maybe not landed yet
         self._accounts = _BatchAccounts(self.store.accounts)
@@ -481,7 +432,7 @@ class Router:
     # the batch's writes after its confirms ---------------------------------------------------
     def _submit_writes(self, result: dict[int, str]) -> dict[int, str] | Future[dict[int, str]]:
         """Hand what the batch still has to write -- its ONE audit document, then the plans' marks
-        (``routed``/``rejected``, returned children) -- to the writer thread (:class:`_BatchWriter`);
+        (``routed``/``rejected``, returned children) -- to the writer thread (:func:`_write_batches`);
         the future's result is ``result``, and the batch consumer acks the batch only when it is
         done (in order). The next batch is routed meanwhile: the plans were inserted before
         anything was published, so a crash or a failed write before these marks land only means a
@@ -493,7 +444,7 @@ class Router:
         self._states, self._sets = {}, {}
         if not (w.audit or w.orders or w.states or w.status_docs):
             return result
-        fut = self._writer.submit(w)
+        fut = self._writer.put(w)
         for oid in marking:
             self._unmarked[oid] = fut
         return fut
@@ -509,7 +460,7 @@ class Router:
         """Write what this batch has collected so far and wait for every batch's writes (a cancel or
         a force-close reads the plans); raises if this batch's own writes failed."""
         fut = self._submit_writes({})
-        self._writer.wait_all()
+        self._writer.wait_idle()
         if isinstance(fut, Future):
             fut.result()
 

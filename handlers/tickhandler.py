@@ -51,7 +51,6 @@ import argparse
 import datetime as dt
 import gc
 import logging
-import queue
 import threading
 import time
 from collections import Counter
@@ -66,6 +65,7 @@ from qamarket.cleaning import DUPLICATE, OUT_OF_ORDER, TickCleaner
 from qamarket.models import DEFAULT_REGISTRY, Bar, Tick, TickBatch, UnknownInstrument
 from qamarket.sessions import to_ms
 from qapubsub import keys
+from qapubsub.coalesce import CoalescingWriter
 from qapubsub.handling import Transient
 from qapubsub.settings import Settings, mongo_client
 from qapubsub.topology import Topology
@@ -115,82 +115,8 @@ class _Job:
         self.queued_at = time.monotonic()
 
 
-class _Writer:
-    """One background thread running the pipeline's jobs in order, several queued jobs at once.
-
-    Coalescing is what makes the thread worth having: while the consumer's thread cleans and
-    aggregates the next batches, the jobs that queue up behind a slow write are stored with
-    one ``insert_many`` and their bars published with one confirm wait. ``linger``: jobs of
-    fewer than ``fill_ticks`` ticks wait up to that long (from when the first was queued) for
-    more to join them, so small batches -- cut short for the realtime bars' latency -- still
-    make few, full MongoDB documents; only the closed bars and the acks wait for it. ``on_idle`` runs on this thread when nothing came for
-    0.1 s (heartbeats of the connection it publishes on).
-    """
-
-    def __init__(self, run: Any, on_idle: Any = None, max_ticks: int = 50_000, linger: float = 0.0,
-                 fill_ticks: int = 5_000) -> None:
-        self._run = run
-        self._on_idle = on_idle
-        self.max_ticks = max_ticks
-        self.linger = linger
-        self.fill_ticks = fill_ticks
-        self._q: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
-        self._cond = threading.Condition()
-        self._outstanding = 0
-        self._thread = threading.Thread(target=self._loop, name="tickhandler-writer", daemon=True)
-        self._thread.start()
-
-    def put(self, job: _Job) -> None:
-        with self._cond:
-            self._outstanding += 1
-        self._q.put(job)
-
-    def wait_idle(self) -> None:
-        with self._cond:
-            self._cond.wait_for(lambda: self._outstanding == 0)
-
-    def close(self) -> None:
-        self.wait_idle()
-        self._q.put(None)
-        self._thread.join(10)
-
-    def _loop(self) -> None:
-        while True:
-            try:
-                job = self._q.get(timeout=0.1)
-            except queue.Empty:
-                if self._on_idle is not None:
-                    try:
-                        self._on_idle()
-                    except Exception as exc:  # noqa: BLE001 - the next job's publish reconnects
-                        log.warning("bar connection: %s", exc)
-                continue
-            if job is None:
-                return
-            jobs, n = [job], len(job.ticks)
-            until = job.queued_at + self.linger
-            while n < self.max_ticks:
-                try:
-                    wait = until - time.monotonic() if n < self.fill_ticks else 0.0
-                    more = self._q.get(timeout=wait) if wait > 0 else self._q.get_nowait()
-                except queue.Empty:
-                    break
-                if more is None:
-                    self._q.put(None)
-                    break
-                jobs.append(more)
-                n += len(more.ticks)
-            try:
-                self._run(jobs)  # sets every job's future
-            except BaseException as exc:  # noqa: BLE001 - a bug here must fail the batches, not hang the consumer
-                log.exception("tickhandler writer: %s", exc)
-                for j in jobs:
-                    if not j.future.done():
-                        j.future.set_exception(exc if isinstance(exc, Exception) else RuntimeError(repr(exc)))
-            finally:
-                with self._cond:
-                    self._outstanding -= len(jobs)
-                    self._cond.notify_all()
+def _job_ticks(job: _Job) -> int:
+    return len(job.ticks)
 
 
 class TickPipeline:
@@ -200,7 +126,7 @@ class TickPipeline:
     publish the realtime bars -- and hands a job to the writer: store the kept ticks, then
     publish the closed bars (confirmed) and upsert them. It returns a future that is done when
     the job is, whose result is ``{delivery_tag: reason}`` to dead-letter. With
-    ``background=True`` the jobs run on a writer thread (:class:`_Writer`); without, inside
+    ``background=True`` the jobs run on a writer thread (:class:`qapubsub.coalesce.CoalescingWriter`); without, inside
     :meth:`submit` (:meth:`handle` = submit and wait).
 
     Failure: any error (a write, a publish, or in :meth:`submit` itself) marks the
@@ -240,7 +166,13 @@ class TickPipeline:
         self._lock = threading.Lock()
         self._broken: BaseException | None = None  # a job failed: later jobs fail too until reset
         self._dirty: set[tuple[str, str]] = set()  # instruments to rebuild from the store
-        self._writer = _Writer(self._run_jobs, writer_idle, linger=write_wait) if background else None
+        # The writer thread coalesces the jobs queued behind a slow write: jobs of fewer than 5,000
+        # ticks wait up to ``write_wait`` (from when the first was queued) for more to join them, so
+        # small batches -- cut short for the realtime bars' latency -- still make few, full MongoDB
+        # documents; only the closed bars and the acks wait for it.
+        self._writer: CoalescingWriter[_Job] | None = CoalescingWriter(
+            self._run_jobs, name="tickhandler-writer", linger=write_wait, size=_job_ticks, fill=5_000,
+            max_size=50_000, on_idle=writer_idle) if background else None
 
     # recovery ----------------------------------------------------------------------------------
     def recover(self, exchange: str, symbol: str) -> int:

@@ -22,7 +22,7 @@ deliveries (the tickhandler closes bars by timer there); ``on_stop`` once when s
 after the last batch and before the channel closes.
 
 Pipelining (``pipeline_depth`` > 0). The handler may return a
-:class:`concurrent.futures.Future` whose result is the ``{delivery_tag: reason}`` mapping:
+:class:`concurrent.futures.Future` (e.g. of a job on a :class:`qapubsub.coalesce.CoalescingWriter`) whose result is the ``{delivery_tag: reason}`` mapping:
 the batch's slow side effect (a database write) then runs elsewhere while the consumer
 collects and hands over the next batches. Up to ``pipeline_depth`` batches are in flight;
 one more and the consumer waits for the oldest. Batches are acknowledged strictly in the
