@@ -42,6 +42,8 @@ from qapubsub import keys
 from qapubsub.messages import Message, encode
 from qapubsub.topology import Topology
 
+from brokers.gateway import RECONNECT_DELAYS, STOP, GatewayExecutor
+
 from . import td_mapping as tm
 from .md import guarded
 from .settings import CtpSettings, SettingsError
@@ -51,8 +53,6 @@ log = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_CONNECT = 0, 1, 2, 3
 #: ARBIG's reconnect policy: 5 s, 10 s, 30 s, then 60 s between attempts
-RECONNECT_DELAYS: tuple[float, ...] = (5.0, 10.0, 30.0, 60.0)
-_STOP = object()
 _RECONCILE = "reconcile"
 
 _EVENT_OF = {
@@ -62,21 +62,15 @@ _EVENT_OF = {
 }
 
 
-def kind_of(msg: Message) -> str:
-    if isinstance(msg, Trade):
-        return "trade"
-    if isinstance(msg, OrderStatusReport):
-        return "order"
-    return "reject"
-
-
-class CtpExecutor:
+class CtpExecutor(GatewayExecutor):
     """The executor's core, without RabbitMQ consumers (``publisher`` objects are passed in).
 
     ``gateway_class`` (default ``vnpy_ctp.CtpGateway``), ``event_engine`` (default a guarded
     vn.py EventEngine), ``store`` (:class:`MongoStore` / :class:`MemoryStore`) and
     ``reconnect_delays`` are injectable for tests.
     """
+
+    gateway_label = "CTP"
 
     def __init__(self, settings: CtpSettings, account: str, store: Any, *, topology: Topology | None = None,
                  gateway_class: type | None = None, event_engine: Any = None,
@@ -108,7 +102,6 @@ class CtpExecutor:
         self.ready = threading.Event()        # logged in and contracts known: orders may be sent
         self.stopping = threading.Event()
         self._threads: list[threading.Thread] = []
-        self._publisher_factory: Callable[[], Any] | None = None
         # counters
         self.counts: dict[str, int] = {k: 0 for k in (
             "orders", "cancels", "sent_legs", "rejected_local", "rejected_disconnected", "order_events", "trade_events",
@@ -135,42 +128,7 @@ class CtpExecutor:
     def orphans(self) -> list[OrderRecord]:
         return [r for r in self.records.values() if r.sent == SENDING]
 
-    def _commit(self, rec: OrderRecord, events: Sequence[Message], publisher: Any) -> None:
-        """Persist the record with ``events`` in its outbox, then publish (confirmed) and clear."""
-        for e in events:
-            rec.outbox.append({"kind": kind_of(e), "id": e.id, "type": e.schema, "body": encode(e).decode()})
-        self.dirty.add(rec.order_id)
-        self.store.save(rec.to_doc())
-        self._publish_outbox(rec, publisher)
-        self.dirty.discard(rec.order_id)
-
-    def _publish_outbox(self, rec: OrderRecord, publisher: Any) -> None:
-        if not rec.outbox:
-            return
-        for item in rec.outbox:
-            publisher.publish(self.topo.report, keys.report_key(self.account, item["kind"]), item["body"].encode(),
-                              properties={"message_id": item["id"], "type": item["type"],
-                                          "content_type": "application/json"},
-                              mandatory=item["kind"] != "reject")
-            if item["kind"] == "trade":
-                self.counts["trades"] += 1
-            elif item["kind"] == "order":
-                self.counts["reports"] += 1
-        rec.outbox = []
-        self.store.clear_outbox([rec.order_id])
-
-    def flush_dirty(self, publisher: Any) -> int:
-        """Save and publish every record a failed commit left behind (and every unpublished outbox)."""
-        with self.lock:
-            ids = set(self.dirty) | {r.order_id for r in self.records.values() if r.outbox}
-            for oid in sorted(ids):
-                rec = self.records[oid]
-                self.store.save(rec.to_doc())
-                self._publish_outbox(rec, publisher)
-                self.dirty.discard(oid)
-            return len(ids)
-
-    publish_all_pending = flush_dirty
+    publish_all_pending = GatewayExecutor.flush_dirty
 
     # reports ----------------------------------------------------------------------------
     def _report(self, rec: OrderRecord, status: OrderStatus, traded: int, reason: str = "") -> OrderStatusReport:
@@ -508,62 +466,16 @@ class CtpExecutor:
         else:
             log.info("CTP: %s", msg, extra={"account": self.account})
 
-    def _supervise(self) -> None:
-        """Re-issue gateway.connect() while the trader front is not logged in: 5 s, 10 s, 30 s, 60 s..."""
-        attempt = 0
-        due: float | None = None
-        tick = max(0.01, min(0.5, self.reconnect_delays[0] / 4))
-        while not self.stopping.wait(tick):
-            if self.logged_in:
-                attempt, due = 0, None
-                continue
-            now = time.monotonic()
-            if due is None:
-                due = now + self.reconnect_delays[min(attempt, len(self.reconnect_delays) - 1)]
-            elif now >= due:
-                attempt += 1
-                self.counts["reconnect_attempts"] += 1
-                log.warning("CTP trader front still not logged in: connect attempt %d", attempt,
-                            extra={"account": self.account})
-                try:
-                    self.gateway.connect(self.settings.vnpy_setting())
-                except Exception as exc:  # noqa: BLE001
-                    log.error("gateway.connect raised %s: %s", type(exc).__name__, exc)
-                due = time.monotonic() + self.reconnect_delays[min(attempt, len(self.reconnect_delays) - 1)]
+    def _connected(self) -> bool:
+        return self.logged_in
 
-    def _report_loop(self) -> None:
-        assert self._publisher_factory is not None
-        publisher: Any = None
-        failures = 0
-        while True:
-            try:
-                if publisher is None:
-                    publisher = self._publisher_factory()
-                if failures:
-                    self.flush_dirty(publisher)
-                    failures = 0
-                try:
-                    item = self.events.get(timeout=0.2)
-                except queue.Empty:
-                    continue
-                try:
-                    if item is _STOP:
-                        return
-                    try:
-                        self.process(item, publisher)
-                    except Exception as exc:  # noqa: BLE001
-                        if self.dirty:
-                            raise          # a commit failed half-way: persist/publish again
-                        # not an I/O failure: a vn.py object we could not map; report it, go on
-                        self._on_handler_error(f"process:{item[0]}", exc)
-                finally:
-                    self.events.task_done()
-            except Exception as exc:  # noqa: BLE001 - persist/publish failed: retry until it works
-                failures += 1
-                self.counts["publish_retries"] += 1
-                log.error("persisting/publishing CTP reports failed (%s: %s); retrying", type(exc).__name__, exc)
-                if self.stopping.wait(min(5.0, 0.1 * 2 ** min(failures, 6))) and self.events.empty():
-                    return
+    def _reconnect(self) -> None:
+        """Re-issue gateway.connect() (the supervisor, while the trader front is not logged in)."""
+        self.gateway.connect(self.settings.vnpy_setting())
+
+    def _on_process_error(self, item: Any, exc: Exception) -> None:
+        # not an I/O failure: a vn.py object we could not map; report it, go on
+        self._on_handler_error(f"process:{item[0]}", exc)
 
     # life cycle ------------------------------------------------------------------------------
     def start(self, publisher_factory: Callable[[], Any]) -> None:
@@ -572,7 +484,6 @@ class CtpExecutor:
 
         self.vn = vn = td_vnpy.load()
         gateway_class = self._gateway_class or td_vnpy.ctp_gateway_class()
-        self._publisher_factory = publisher_factory
         if self._event_engine is None:
             self._event_engine = vnpy_compat.guarded_engine_class(self._on_handler_error)()
             self._own_engine = True
@@ -580,7 +491,8 @@ class CtpExecutor:
         for et in (vn.EVENT_ORDER, vn.EVENT_TRADE, vn.EVENT_POSITION, vn.EVENT_ACCOUNT):
             ee.register(et, guarded(self._enqueue, self._on_handler_error, f"enqueue:{et}"))
         ee.register(vn.EVENT_LOG, guarded(self._on_log, self._on_handler_error, "on_log"))
-        t = threading.Thread(target=self._report_loop, name=f"qaflow-ctp-reports-{self.account}", daemon=True)
+        t = threading.Thread(target=self._report_loop, args=(publisher_factory,),
+                             name=f"qaflow-ctp-reports-{self.account}", daemon=True)
         t.start()
         self._threads.append(t)
         if self._own_engine:
@@ -621,7 +533,7 @@ class CtpExecutor:
                 self.gateway.close()
             except Exception as exc:  # noqa: BLE001
                 log.warning("closing the CTP gateway: %s", exc)
-        self.events.put(_STOP)
+        self.events.put(STOP)
         self.stopping.set()
         for t in self._threads:
             t.join(timeout)

@@ -40,13 +40,12 @@ from qapubsub.messages import Message, encode
 from qapubsub.topology import Topology
 
 from brokers.ctp.td_store import LOCAL, SENDING, SENT, Leg, MemoryStore, MongoStore, OrderRecord
+from brokers.gateway import RECONNECT_DELAYS, STOP, GatewayExecutor
 
 from . import codes as c
 
 log = logging.getLogger(__name__)
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_CONNECT = 0, 1, 2, 3
-RECONNECT_DELAYS: tuple[float, ...] = (5.0, 10.0, 30.0, 60.0)
-_STOP = object()
 _EVENT_OF = {
     OrderStatus.SUBMITTING: OrderEvent.SUBMITTED, OrderStatus.NOTTRADED: OrderEvent.ACCEPTED,
     OrderStatus.PARTTRADED: OrderEvent.PART_FILLED, OrderStatus.ALLTRADED: OrderEvent.FILLED,
@@ -58,11 +57,9 @@ def remark_for(order_id: str) -> str:
     return order_id if len(order_id) <= 20 else hashlib.sha1(order_id.encode()).hexdigest()[:20]  # noqa: S324
 
 
-def kind_of(msg: Message) -> str:
-    return "trade" if isinstance(msg, Trade) else "order" if isinstance(msg, OrderStatusReport) else "reject"
+class QmtExecutor(GatewayExecutor):
+    gateway_label = "QMT"
 
-
-class QmtExecutor:
     def __init__(self, account: str, qmt_path: str, qmt_account: str, store: Any, *, xt: Any = None,
                  topology: Topology | None = None, session_id: int | None = None,
                  reconnect_delays: Sequence[float] = RECONNECT_DELAYS, clock: Callable[[], int] = time.time_ns) -> None:
@@ -86,7 +83,8 @@ class QmtExecutor:
         self.stopping = threading.Event()
         self._threads: list[threading.Thread] = []
         self.counts = {k: 0 for k in ("orders", "rejected_local", "reports", "trades", "duplicates", "foreign",
-                                      "invalid", "errors", "disconnects", "sessions", "reconnect_attempts")}
+                                      "invalid", "handler_errors", "publish_retries", "disconnects", "sessions",
+                                      "reconnect_attempts")}
         for d in store.load(account):
             rec = OrderRecord.from_doc(d)
             self.records[rec.order_id] = rec
@@ -96,29 +94,7 @@ class QmtExecutor:
                 if leg.vt_orderid:
                     self.by_xt[leg.vt_orderid] = rec.order_id
 
-    # persistence / publishing (same shape as the CTP executor) ------------------------------
-    def _commit(self, rec: OrderRecord, events: Sequence[Message], publisher: Any) -> None:
-        for e in events:
-            rec.outbox.append({"kind": kind_of(e), "id": e.id, "type": e.schema, "body": encode(e).decode()})
-        self.dirty.add(rec.order_id)
-        self.store.save(rec.to_doc())
-        for item in rec.outbox:
-            publisher.publish(self.topo.report, keys.report_key(self.account, item["kind"]), item["body"].encode(),
-                              properties={"message_id": item["id"], "type": item["type"],
-                                          "content_type": "application/json"}, mandatory=item["kind"] != "reject")
-            self.counts["trades" if item["kind"] == "trade" else "reports"] += 1
-        if rec.outbox:
-            rec.outbox = []
-            self.store.clear_outbox([rec.order_id])
-        self.dirty.discard(rec.order_id)
-
-    def flush_dirty(self, publisher: Any) -> int:
-        with self.lock:
-            ids = sorted(set(self.dirty) | {r.order_id for r in self.records.values() if r.outbox})
-            for oid in ids:
-                self._commit(self.records[oid], [], publisher)
-            return len(ids)
-
+    # reports (saved and published by GatewayExecutor._commit) --------------------------------
     def _report(self, rec: OrderRecord, force: bool = False, reason: str = "") -> list[Message]:
         leg, st, o = rec.legs[0], rec.state, rec.order
         traded = max(st.filled_by_trades, leg.traded, st.reported_traded)
@@ -396,55 +372,12 @@ class QmtExecutor:
         log.info("QMT session ready", extra={"account": self.account, "orders": len(self.records)})
         return True
 
-    def _supervise(self) -> None:
-        attempt, due = 0, None
-        tick = max(0.01, min(0.5, self.reconnect_delays[0] / 4))
-        while not self.stopping.wait(tick):
-            if self.ready.is_set():
-                attempt, due = 0, None
-                continue
-            now = time.monotonic()
-            if due is None:
-                due = now + self.reconnect_delays[min(attempt, len(self.reconnect_delays) - 1)]
-            elif now >= due:
-                attempt += 1
-                self.counts["reconnect_attempts"] += 1
-                try:
-                    self.connect()
-                except Exception as exc:  # noqa: BLE001
-                    log.error("QMT reconnect failed: %s", exc)
-                due = time.monotonic() + self.reconnect_delays[min(attempt, len(self.reconnect_delays) - 1)]
+    def _connected(self) -> bool:
+        return self.ready.is_set()
 
-    def _report_loop(self, publisher_factory: Callable[[], Any]) -> None:
-        publisher, failures = None, 0
-        while True:
-            try:
-                if publisher is None:
-                    publisher = publisher_factory()
-                if failures:
-                    self.flush_dirty(publisher)
-                    failures = 0
-                try:
-                    item = self.events.get(timeout=0.2)
-                except queue.Empty:
-                    continue
-                try:
-                    if item is _STOP:
-                        return
-                    try:
-                        self.process(item, publisher)
-                    except Exception as exc:  # noqa: BLE001
-                        if self.dirty:
-                            raise
-                        self.counts["errors"] += 1
-                        log.error("QMT callback data not mapped: %s: %s", type(exc).__name__, exc)
-                finally:
-                    self.events.task_done()
-            except Exception as exc:  # noqa: BLE001
-                failures += 1
-                log.error("persisting/publishing QMT reports failed (%s); retrying", exc)
-                if self.stopping.wait(min(5.0, 0.1 * 2 ** min(failures, 6))) and self.events.empty():
-                    return
+    def _reconnect(self) -> None:
+        """A new session (the supervisor, while disconnected)."""
+        self.connect()
 
     def start(self, publisher_factory: Callable[[], Any]) -> None:
         if self.xt is None:
@@ -469,7 +402,7 @@ class QmtExecutor:
     def stop(self) -> None:
         if self.stopping.is_set():
             return
-        self.events.put(_STOP)
+        self.events.put(STOP)
         self.stopping.set()
         if self.trader is not None:
             try:

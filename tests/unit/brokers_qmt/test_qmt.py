@@ -105,6 +105,20 @@ def test_rejected_before_sending(h: H, o: Order, field: str) -> None:
     assert h.all("reject")[0]["field"] == field
 
 
+def test_publish_failure_is_retried_without_loss_or_duplicate(h: H) -> None:
+    """The report thread keeps the record dirty and retries (brokers.gateway), as for CTP."""
+    h.place(order())
+    xt_id = next(iter(fx.COUNTER.orders))
+    h.pub.fail = 2
+    h.api.fill(xt_id, 300, 10.5)
+    assert wait_for(lambda: [t["volume"] for t in h.all("trade")] == [300] and h.statuses()[-1] == "ALLTRADED", 10)
+    h.settle()
+    assert h.statuses() == ["SUBMITTING", "NOTTRADED", "ALLTRADED"]
+    ids = h.cmd.ids() + h.pub.ids()
+    assert len(ids) == len(set(ids))
+    assert h.ex.counts["publish_retries"] >= 1 and h.store.docs["q1"]["outbox"] == []
+
+
 def test_star_and_bse_lots_and_market(h: H) -> None:
     h.place(order("a", symbol="688001", volume=201))
     h.place(order("b", exchange="BSE", symbol="430047", volume=101))
