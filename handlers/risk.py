@@ -597,6 +597,26 @@ def run_release(args: argparse.Namespace) -> int:
     return _publish_command(args, msg, "release")
 
 
+def run_halt(args: argparse.Namespace) -> int:
+    from qaorder.models import Halt
+
+    _check_account(args.account)
+    if not args.reason.strip():
+        raise ConfigError("--reason must not be empty")
+    cid = args.command_id or f"halt-{uuid.uuid4().hex}"
+    return _publish_command(args, Halt(id=cid, command_id=cid, account=args.account, reason=args.reason,
+                                       operator=_operator(args)), "halt")
+
+
+def run_resume(args: argparse.Namespace) -> int:
+    from qaorder.models import Resume
+
+    _check_account(args.account)
+    cid = args.command_id or f"resume-{uuid.uuid4().hex}"
+    return _publish_command(args, Resume(id=cid, command_id=cid, account=args.account, operator=_operator(args),
+                                         reason=args.reason or ""), "resume")
+
+
 def status_docs(db: Any, accounts: list[str] | None = None) -> list[dict[str, Any]]:
     from qarisk.store import DEFAULT_KEY, RiskStore
 
@@ -611,10 +631,12 @@ def status_docs(db: Any, accounts: list[str] | None = None) -> list[dict[str, An
     for a in names:
         c, s, m = counters.get(a) or {}, states.get(a) or {}, monitor.get(a) or {}
         cfg = configs.get(a) or configs.get(DEFAULT_KEY)
-        state = "halted" if c.get("halted") else "reduce-only" if s.get("reduce_only") else "normal"
+        halted = bool(s.get("halted") or c.get("halted"))
+        state = "halted" if halted else "reduce-only" if s.get("reduce_only") else "normal"
+        why = (s.get("halt") or {}) if s.get("halted") else s
         ad = (acc_docs.get(a) or {}).get("accounts") or {}
         out.append({
-            "account": a, "state": state, "since_command": s.get("command_id"), "reason": s.get("reason") or "",
+            "account": a, "state": state, "since_command": why.get("command_id"), "reason": why.get("reason") or "",
             "config": "own" if a in configs else ("default (*)" if cfg else "none: rules off"),
             "limits": _limits(cfg), "counters": {k: c.get(k) for k in ("trading_day", "daily_orders", "daily_cancels",
                                                                           "daily_trades", "active_orders")},
@@ -720,8 +742,8 @@ def run_config(args: argparse.Namespace) -> int:
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.description = ("Risk desk: the live monitor daemon (default), force-close / release as the risk "
-                          "identity, account risk status, per-account risk configs.")
+    parser.description = ("Risk desk: the live monitor daemon (default), force-close / release / halt / resume as "
+                          "the risk identity, account risk status, per-account risk configs.")
     parser.add_argument("--namespace", default=None, help="name prefix (tests); default QA_NAMESPACE or none")
     parser.set_defaults(_risk_run=run_daemon)
     sub = parser.add_subparsers(dest="action", metavar="ACTION")
@@ -745,6 +767,23 @@ def configure(parser: argparse.ArgumentParser) -> None:
     rl.add_argument("--operator", default=None)
     rl.add_argument("--command-id", default=None, help=argparse.SUPPRESS)
     rl.set_defaults(_risk_run=run_release)
+    h = sub.add_parser("halt", help="refuse every new order of an account, closing ones too (as the risk identity)",
+                       description="Publish a Halt to qarisk as the risk identity: from the router's next batch on, "
+                                   "every new order of the account is rejected until a resume; working orders stay "
+                                   "(cancels pass), positions are not touched. Prints the command id.")
+    h.add_argument("--account", required=True)
+    h.add_argument("--reason", required=True)
+    h.add_argument("--operator", default=None, help="who (default: the OS user)")
+    h.add_argument("--command-id", default=None, help=argparse.SUPPRESS)
+    h.set_defaults(_risk_run=run_halt)
+    rs = sub.add_parser("resume", help="lift a halt",
+                        description="Publish a Resume to qarisk as the risk identity (a force-close's reduce-only "
+                                    "stays until a release).")
+    rs.add_argument("--account", required=True)
+    rs.add_argument("--reason", default="")
+    rs.add_argument("--operator", default=None)
+    rs.add_argument("--command-id", default=None, help=argparse.SUPPRESS)
+    rs.set_defaults(_risk_run=run_resume)
     s = sub.add_parser("status", help="each account's state (normal/reduce-only/halted), limits, day's counters",
                        description="Read from MongoDB: account_state, risk_configs, risk_counters, risk_monitor.")
     s.add_argument("--account", action="append")

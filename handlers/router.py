@@ -1,7 +1,7 @@
 """``qaflow router``: the order router daemon (pika, one connection).
 
 Consumes ``router_orders`` (``qaorder`` ``#`` and ``QAORDER_ROUTER`` once per known
-account/group key) and ``router_risk`` (force-close / release from ``qarisk``), routes
+account/group key) and ``router_risk`` (force-close / release / halt / resume from ``qarisk``), routes
 orders with :func:`qaorder.routing.route` and publishes the children to ``qa.exec``
 (key = account; confirms + mandatory: no executor queue => Reject report).
 
@@ -56,7 +56,12 @@ so a release never overtakes the force-close before it. Why not an ordinary seco
 pika delivers both consumers' messages in arrival order through one dispatch, so a
 force-close could wait behind a prefetched batch of orders.
 
-Idempotency. Force-close and release are idempotent by ``command_id`` (``processed``), cancels
+Halt / resume. A Halt refuses every new order of the account from the next batch on --
+closing ones too, unlike a force-close's reduce-only -- with a Reject naming the command;
+working orders stay and cancels pass; a Resume lifts it (``account_state.halted``, read at
+start). Both come from the risk identity only, like force-close and release.
+
+Idempotency. Force-close, release, halt and resume are idempotent by ``command_id`` (``processed``), cancels
 by message id; their children go out with the same gathered publisher.
 
 Quotes for force-close pricing: the last stored tick of each instrument
@@ -94,7 +99,7 @@ from typing import Any
 import msgspec
 
 from qaorder.dialects import decode_order
-from qaorder.models import Cancel, ForceClose, Offset, Order, OrderRejected, OrderStatus, Release
+from qaorder.models import Cancel, ForceClose, Halt, Offset, Order, OrderRejected, OrderStatus, Release, Resume
 from qaorder.models import Reject as RejectReport
 from qaorder.routing import FollowerRule, PriceMode, Sizing, plan_force_close, route, route_cancel
 from qaorder.store import OrderStore
@@ -304,6 +309,7 @@ class Router:
         self.rules: list[FollowerRule] = []
         self.groups: dict[str, list[str]] = {}
         self.reduce_only: set[str] = set()
+        self.halted: dict[str, dict[str, Any]] = {}   # account -> the Halt that blocks it (command_id, reason)
         self._risk_ch: Any = None
         self._risk_gen = -1
         self._risk_inbox: deque[tuple[int, Any, Any, bytes]] = deque()
@@ -328,6 +334,7 @@ class Router:
         self.rules = self.store.load_rules()
         self.groups = self.store.load_groups()
         self.reduce_only = self.store.reduce_only_accounts()
+        self.halted = self.store.halted_accounts()
         log.info("routing configuration loaded", extra={"version": v, "rules": len(self.rules),
                                                          "groups": len(self.groups)})
         return True
@@ -480,6 +487,11 @@ class Router:
                 "order": msgspec.to_builtins(o), "updated_ns": time.time_ns()}
 
     def _check_child(self, child: Order, parent: Order, dialect: str) -> tuple[str, str] | None:
+        halt = self.halted.get(child.account)
+        if halt is not None:             # a Halt refuses everything, closing orders too
+            return "account", (f"account {child.account} is halted by {halt.get('command_id', '?')} "
+                               f"({halt.get('reason') or 'no reason given'}): every new order is refused until "
+                               f"a resume")
         if self.risk_gate is not None:   # the pre-trade rules first: their rejections name the rule
             ctx = RiskContext(parent=parent, dialect=dialect, reduce_only=child.account in self.reduce_only,
                               store=self.store)
@@ -768,11 +780,11 @@ class Router:
 
     def on_risk(self, body: bytes, props: Any, routing_key: str) -> None:
         try:
-            cmd = decode(body, ForceClose | Release)
+            cmd = decode(body, ForceClose | Release | Halt | Resume)
         except DecodeError as exc:
             self.store.audit([{"action": "refused", "parent_id": "", "account": routing_key, "detail": str(exc)}])
             raise handling.Reject(str(exc)) from None
-        kind = "forceclose" if isinstance(cmd, ForceClose) else "release"
+        kind = {ForceClose: "forceclose", Release: "release", Halt: "halt", Resume: "resume"}[type(cmd)]
         user = getattr(props, "user_id", None)
         if user != self.settings.risk_user:
             reason = (f"{kind} {cmd.command_id} refused: AMQP user_id {user!r} is not the risk identity "
@@ -783,8 +795,10 @@ class Router:
             raise handling.Reject(reason)
         if isinstance(cmd, Release):
             self._on_release(cmd)
-        else:
+        elif isinstance(cmd, ForceClose):
             self._on_force_close(cmd)
+        else:
+            self._on_halt(cmd)
 
     def _on_release(self, cmd: Release) -> None:
         key = f"release:{cmd.command_id}"
@@ -798,6 +812,26 @@ class Router:
         self.store.audit([{"action": "release", "parent_id": cmd.command_id, "account": cmd.account,
                            "detail": f"released by {cmd.operator}: {cmd.reason}"}])
         self.store.plan_processed({"_id": key, "kind": "release", "state": "done", "children": []})
+
+    def _on_halt(self, cmd: Halt | Resume) -> None:
+        """Halt: every new order of the account is refused from the next batch on (working orders
+        stay, cancels pass); Resume lifts it. Idempotent by command id, audited."""
+        on = isinstance(cmd, Halt)
+        key = f"{'halt' if on else 'resume'}:{cmd.command_id}"
+        if self.store.get_processed(key) is not None:
+            return
+        info = {"command_id": cmd.command_id, "reason": cmd.reason, "operator": cmd.operator}
+        self.store.set_halted(cmd.account, on, **info)
+        if on:
+            self.halted[cmd.account] = info
+        else:
+            self.halted.pop(cmd.account, None)
+        self.store.audit([{"action": "halt" if on else "halt_lifted", "parent_id": cmd.command_id,
+                           "account": cmd.account,
+                           "detail": (f"halted by {cmd.operator}: {cmd.reason}; every new order refused until a resume"
+                                      if on else f"halt lifted by {cmd.operator}: {cmd.reason}")}])
+        self.store.plan_processed({"_id": key, "kind": "halt" if on else "resume", "state": "done", "children": []})
+        log.warning("account %s", "halted" if on else "resumed", extra={"account": cmd.account, **info})
 
     def _on_force_close(self, cmd: ForceClose) -> None:
         from qamarket.store import TickStore

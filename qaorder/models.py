@@ -24,7 +24,8 @@ from qapubsub.messages import Message
 
 __all__ = [
     "Direction", "Offset", "PriceType", "OrderStatus", "Exchange", "FUTURE_EXCHANGES", "STOCK_EXCHANGES",
-    "SPLIT_TODAY_EXCHANGES", "OrderRejected", "Order", "Cancel", "ForceClose", "Release", "OrderStatusReport",
+    "SPLIT_TODAY_EXCHANGES", "OrderRejected", "Order", "Cancel", "ForceClose", "Release", "Halt", "Resume",
+    "OrderStatusReport",
     "Trade", "Reject", "AccountSnapshot", "AuditRecord", "COMMANDS", "REPORTS", "position_key",
 ]
 
@@ -206,6 +207,29 @@ class ForceClose(Message, tag="qa.forceclose", forbid_unknown_fields=True):
 
 class Release(Message, tag="qa.release", forbid_unknown_fields=True):
     """Risk desk: lift the trading block a ForceClose put on the account."""
+
+    command_id: Id
+    account: Target
+    operator: Required
+    reason: Text = ""
+    correlation_id: Id | None = None
+
+
+class Halt(Message, tag="qa.halt", forbid_unknown_fields=True):
+    """Risk desk: refuse every new order of the account, opening or closing, until a Resume.
+
+    Stricter than a ForceClose's reduce-only and independent of it: working orders stay
+    working (cancels still pass), positions are not touched."""
+
+    command_id: Id
+    account: Target
+    reason: Required
+    operator: Required
+    correlation_id: Id | None = None
+
+
+class Resume(Message, tag="qa.resume", forbid_unknown_fields=True):
+    """Risk desk: lift a Halt (a force-close's reduce-only, if any, stays until its Release)."""
 
     command_id: Id
     account: Target

@@ -50,7 +50,9 @@ document per batch, ``{batch: true, records: [...], ts}`` (``records.parent_id``
 ``groups`` -- ``{_id: group_name, members: ["acc1", "acc2"]}``.
 
 ``account_state`` -- ``{_id: account, reduce_only: bool, command_id, reason, operator,
-since_ns}``: the trading block a force-close sets until a release.
+since_ns}``: the trading block a force-close sets until a release; ``halted: bool`` and
+``halt: {command_id, reason, operator, since_ns}``: the block of every new order a Halt sets
+until a Resume (the two are independent).
 
 ``meta`` -- ``{_id: "routing", version: n}``: bumped by every rule/group change; a running
 router reads it at most every 0.2 s (and before a batch when that long has passed).
@@ -207,6 +209,14 @@ class OrderStore:
 
     def reduce_only_accounts(self) -> set[str]:
         return {d["_id"] for d in self.account_state.find({}) if d.get("reduce_only")}
+
+    def set_halted(self, account: str, on: bool, **info: Any) -> None:
+        halt = {**info, "since_ns": time.time_ns()}
+        self.account_state.update_one({"_id": account}, {"$set": {"halted": on, "halt": halt}}, upsert=True)
+
+    def halted_accounts(self) -> dict[str, dict[str, Any]]:
+        """``{account: {command_id, reason, operator, since_ns}}`` of the accounts a Halt blocks."""
+        return {d["_id"]: dict(d.get("halt") or {}) for d in self.account_state.find({}) if d.get("halted")}
 
     # orders -------------------------------------------------------------------------------
     def get_order(self, order_id: str) -> dict[str, Any] | None:

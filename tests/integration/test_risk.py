@@ -264,6 +264,31 @@ def test_cli_force_close_while_the_router_is_down_runs_when_it_starts(procs: Pro
     assert router.wait(30) == 0, procs.log(router)[-3000:]
 
 
+def test_cli_halt_and_resume_through_the_router(procs: Procs, bus: Bus, mongo_db: Any, topology: Topology) -> None:
+    from qapubsub.topology import declare_queue_sync
+
+    declare_queue_sync(bus.ch, topology.exec_queue("A"))
+    declare_queue_sync(bus.ch, topology.router_risk)
+    assert risk_cli(procs, "halt", "--account", "A").returncode == 2              # a halt needs a reason
+    out = risk_cli(procs, "halt", "--account", "A", "--reason", "desk: investigating", "--operator", "desk1")
+    assert out.returncode == 0, out.stderr
+    cid = out.stdout.strip().splitlines()[-1]
+    assert cid.startswith("halt-") and RiskStore(mongo_db).audit_of(action="halt", command_id=cid)
+    router = procs.start("handlers.router")
+    wait_for(lambda: (mongo_db["processed"].find_one({"_id": f"halt:{cid}"}) or {}).get("state") == "done", 20,
+             what="the queued halt executed")
+    st = risk_cli(procs, "status", "--account", "A")
+    assert st.returncode == 0 and f"account A: HALTED (command {cid}: desk: investigating)" in st.stdout
+    out = risk_cli(procs, "resume", "--account", "A", "--reason", "cleared")
+    assert out.returncode == 0, out.stderr
+    rid = out.stdout.strip().splitlines()[-1]
+    wait_for(lambda: (mongo_db["processed"].find_one({"_id": f"resume:{rid}"}) or {}).get("state") == "done", 20,
+             what="the resume executed")
+    assert "account A: NORMAL" in risk_cli(procs, "status", "--account", "A").stdout
+    router.send_signal(signal.SIGTERM)
+    assert router.wait(30) == 0, procs.log(router)[-3000:]
+
+
 def test_cli_errors_are_clear(procs: Procs) -> None:
     env = {k: v for k, v in procs.env.items() if k not in ("QA_RISK_AMQP_URL", "QA_RISK_PASSWORD")}
     r = subprocess.run([sys.executable, "-m", "handlers.risk", "force-close", "--account", "A", "--reason", "x"],

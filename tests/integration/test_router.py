@@ -19,7 +19,7 @@ from typing import Any
 import pika
 import pytest
 
-from qaorder.models import ForceClose, Order, Release
+from qaorder.models import ForceClose, Halt, Order, Release, Resume
 from qaorder.routing import FollowerRule, Sizing
 from qaorder.store import OrderStore
 from qapubsub import keys
@@ -322,6 +322,41 @@ def test_force_close_from_guest_is_refused_audited_and_dead_lettered(env: Env) -
     assert all("not the risk identity" in e for e in errors)
     assert env.get_all(env.topo.exec_queue("acc").name) == []
     assert env.db["account_state"].find_one({"_id": "acc"}) is None
+
+
+def test_halt_refuses_every_order_until_resume_and_is_refused_from_guest(env: Env) -> None:
+    url, user = _risk_identity(env)
+    env.executor("acc")
+    env.start()
+    env.order("acc", "w-1")                                     # a working order
+    assert env.exec_msgs("acc", 1)[0]["order_id"] == "w-1"
+    _risk_publish(env, Halt(command_id="h-g", account="acc", reason="x", operator="me"), env.amqp_url, None)
+    wait_for(lambda: len(env.store.audit_of(action="refused")) == 1, 10, what="the foreign halt refused")
+    ref = env.collect(env.reports, 1)
+    assert ref[0]["order_id"] == "h-g" and ref[0]["field"] == "user_id"
+    assert env.db["account_state"].find_one({"_id": "acc"}) is None
+    _risk_publish(env, Halt(command_id="h-1", account="acc", reason="investigating", operator="desk"), url, user)
+    wait_for(lambda: (env.db["account_state"].find_one({"_id": "acc"}) or {}).get("halted"), 10, what="halted")
+    env.order("acc", "open-h")
+    env.order("acc", "close-h", direction="SELL", offset="CLOSE")   # closing orders are refused too
+    rep = env.collect(env.reports, 2)
+    assert sorted(r["order_id"] for r in rep) == ["close-h", "open-h"]
+    assert all(r["field"] == "account" and "halted by h-1" in r["reason"] for r in rep)
+    env.publish(env.topo.order, keys.order_key("acc"), {"schema": "qa.cancel", "order_id": "w-1", "account": "acc"})
+    msgs = env.exec_msgs("acc", 1)                              # a cancel passes
+    assert msgs[0]["schema"] == "qa.cancel" and msgs[0]["order_id"] == "w-1"
+    env.stop()                                                  # a router started now reads the halt
+    env.start()
+    env.order("acc", "open-h2")
+    assert env.collect(env.reports, 1)[0]["order_id"] == "open-h2"
+    _risk_publish(env, Halt(command_id="h-1", account="acc", reason="investigating", operator="desk"), url, user)
+    _risk_publish(env, Resume(command_id="r-1", account="acc", operator="desk", reason="cleared"), url, user)
+    wait_for(lambda: not env.db["account_state"].find_one({"_id": "acc"})["halted"], 10, what="resumed")
+    env.order("acc", "open-after")
+    assert [m["order_id"] for m in env.exec_msgs("acc", 1)] == ["open-after"]
+    assert len(env.store.audit_of(action="halt")) == 1          # the same command twice: applied once
+    assert len(env.store.audit_of(action="halt_lifted")) == 1
+    assert env.get_all(env.topo.exec_queue("acc").name) == []   # nothing of the refused orders went out
 
 
 def test_force_close_sent_while_the_router_is_down_runs_when_it_starts_and_sigterm_exits_0(env: Env) -> None:
