@@ -14,7 +14,10 @@ run time by the first history request for it -- the daemon
    the subscribed indicators up to date;
 4. emits each new closed bar once to exchange ``qa.ibar`` (same key) as a
    :class:`qamarket.rpc.IndicatorBar` with the series' indicator values and a deterministic
-   message id ``ibar.<freq>.<EX>.<symbol>.<label>``.
+   message id ``ibar.<freq>.<EX>.<symbol>.<label>``. Bars the live queue shed under overload
+   are not lost: a closed bar carries ``prev``, the label of the series' bar published before
+   it; when that is newer than the series' newest bar, the bars in between are read from the
+   bar store and emitted first, in order.
 
 History requests (:class:`qamarket.rpc.HistoryRequest`) arrive on ``qa.barhandler.history``
 and are answered to ``reply_to`` with ``correlation_id``; a bad request gets an error reply
@@ -29,6 +32,7 @@ import logging
 import os
 import signal
 import threading
+import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -151,8 +155,9 @@ class BarService:
     def __init__(self, source: HistorySource, *, bind: Callable[[SeriesKey], None] = lambda k: None,
                  emit: Callable[[Bar, dict[str, float | None]], None] = lambda b, i: None,
                  history_bars: int = 1000, max_bars: int = 10_000, max_subscriptions: int = 1000,
-                 default_indicators: Sequence[IndicatorSpec] = ()) -> None:
+                 default_indicators: Sequence[IndicatorSpec] = (), gap_wait: float = 1.0) -> None:
         self.source = source
+        self.gap_wait = gap_wait
         self.bind = bind
         self.emit = emit
         self.history_bars = history_bars
@@ -216,19 +221,55 @@ class BarService:
 
     # live ------------------------------------------------------------------------------------------
     def on_live(self, bar: Bar, message_id: str | None) -> Bar | None:
-        """A bar from qa.bar / qa.rtbar; returns the closed bar emitted downstream, if any."""
+        """A bar from qa.bar / qa.rtbar; returns the closed bar emitted downstream, if any.
+
+        A closed bar whose ``prev`` (the series' bar its publisher sent before it) is newer than
+        the series' newest bar means bars were missed (the live queue sheds its oldest under
+        overload): they are read from the bar store and emitted first, in order (see
+        :meth:`_missed`)."""
         key = (bar.exchange, bar.symbol, bar.freq)
         with self._lock:
             s = self.series.get(key)
             if s is None:
                 self.counts["unsubscribed"] += 1
                 return None
+            last = s.last_label
+        missed: list[Bar] = []
+        if bar.final and bar.prev is not None and last is not None and last < bar.prev < bar.datetime:
+            missed = self._missed(key, last + 1, bar.prev)
+        emitted: list[tuple[Bar, dict[str, float | None]]] = []
+        out = None
+        with self._lock:
+            for b in missed:
+                got = s.on_closed(b)
+                if got is not None:
+                    self.counts["gap_emitted"] += 1
+                    emitted.append((got, s.latest_indicators()))
             out = s.on_bar(bar, message_id if bar.final else None)
-            values = s.latest_indicators() if out is not None else {}
-        if out is not None:
+            if out is not None:
+                emitted.append((out, s.latest_indicators()))
+        for b, values in emitted:
             self.counts["emitted"] += 1
-            self.emit(out, values)
+            self.emit(b, values)
         return out
+
+    def _missed(self, key: SeriesKey, start: int, end: int) -> list[Bar]:
+        """The closed bars labelled ``start..end`` from the store. The publisher stores a closed bar
+        right after publishing it, so the newest may not be there yet: read again until it is, for
+        up to ``gap_wait`` s; then go on with what there is (counted, logged)."""
+        deadline = time.monotonic() + self.gap_wait
+        while True:
+            bars, _sources = self.source.load(*key, start=start, end=end)
+            bars = [b for b in bars if b.final]
+            if any(b.datetime == end for b in bars) or time.monotonic() >= deadline:
+                break
+            time.sleep(0.05)
+        if not any(b.datetime == end for b in bars):
+            self.counts["gap_unfilled"] += 1
+            log.warning("missed bars of %s up to %d not in the store after %.1f s; %d found",
+                        keys.bar_key(key[2], key[0], key[1]), end, self.gap_wait, len(bars))
+        self.counts["gaps"] += 1
+        return bars
 
     # requests ------------------------------------------------------------------------------------
     def answer(self, body: bytes) -> HistoryReply | None:

@@ -433,7 +433,8 @@ class TickPipeline:
             if key in self._hold_until:
                 self._held.setdefault(key, []).append(b)
                 continue
-            self._closed.append(msgspec.structs.replace(b, id=bar_message_id(b)))
+            # prev: the series' last closed bar handed to a job, so that a consumer can tell it missed one
+            self._closed.append(msgspec.structs.replace(b, id=bar_message_id(b), prev=upto))
             self._published_upto[(b.exchange, b.symbol, b.freq)] = b.datetime
 
     # the writer's side --------------------------------------------------------------------------

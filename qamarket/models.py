@@ -114,6 +114,9 @@ class Bar(Message, tag="qa.bar", gc=False):
     open_interest: float = 0.0  # at the last tick
     final: bool = True
     tick_count: int = 0
+    # closed bars: the label of the closed bar of the same series the publisher sent before this one
+    # (None: none since it started, or not known). A consumer whose newest bar is older missed some.
+    prev: int | None = None
 
     @property
     def dt(self) -> _dtm.datetime:

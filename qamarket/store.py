@@ -541,8 +541,8 @@ def bar_to_doc(b: Bar) -> dict[str, Any]:
 def doc_to_bar(doc: Mapping[str, Any]) -> Bar:
     kw = {f: doc[f] for f in BAR_FIELDS if f in doc}
     kw["final"] = bool(kw.get("final", True))  # nx-27017 may hand back a stored boolean as 1
-    for f in ("datetime", "tick_count"):  # the driver may hand back bson.Int64, which msgspec cannot encode
-        if f in kw:
+    for f in ("datetime", "tick_count", "prev"):  # the driver may hand back bson.Int64, which msgspec cannot encode
+        if kw.get(f) is not None:
             kw[f] = int(kw[f])
     return Bar(**kw)
 

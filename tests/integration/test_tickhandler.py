@@ -94,6 +94,10 @@ def test_ticks_stored_once_and_bars_on_bus_equal_bars_in_db(amqp_url, topology, 
     assert all(b.low <= min(b.open, b.close) and b.high >= max(b.open, b.close) for b in one_min)
     stored_rb = expected[("SHFE", "rb2605")]
     assert sum(b.volume for b in one_min) <= stored_rb[-1][5]  # never more than the day's cumulative
+    # each closed bar names the one its series had before (a consumer that missed one can tell)
+    series = sorted(one_min, key=lambda b: b.datetime)
+    assert len(series) >= 2 and series[0].prev is None
+    assert [b.prev for b in series[1:]] == [b.datetime for b in series[:-1]]
 
 
 def test_kill_9_mid_stream_loses_nothing_and_stores_nothing_twice(amqp_url, topology, env, mongo_db, bar_queue,
