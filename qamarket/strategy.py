@@ -632,8 +632,9 @@ class StrategyEngine:
         self._rebalance_all()
 
     def _after_report(self, w: _Working) -> None:
-        if w.settled:
-            self.working.pop(w.order.order_id, None)
+        if w.settled and self.working.pop(w.order.order_id, None) is not None:
+            log.info("order %s done: %d of %d traded", w.order.order_id, w.traded, w.order.volume,
+                     extra={"strategy_id": self.strategy.strategy_id})
         self._rebalance_all()
 
     # -- sending ------------------------------------------------------------------------------

@@ -161,6 +161,10 @@ def test_group_binding_reports_move_pos(topology, env, mongo_db, amqp_channel, t
                     direction=o.direction, offset=o.offset, price=3510.0, volume=1, trade_time=0))
                 _report(amqp_channel, topology, "order", OrderStatusReport(
                     order_id=cid, account=m, status=OrderStatus.ALLTRADED, traded=1))
+            # the fills are applied before the next bar comes (reports and bars are separate queues:
+            # published right after them, the bar could be handled first and see the order working)
+            wait_for(lambda: f"order {o.order_id} done" in st_log.read_text(), timeout=20,
+                     what="the strategy to apply the fills")
             _publish_bar(amqp_channel, topology, _bar(11, 3400))      # death cross: long 1 -> short 1
             got = orders.wait(3, "the reversal")
             assert [(rk, o.direction.value, o.offset.value, o.volume) for rk, _, o in got[1:]] == \
