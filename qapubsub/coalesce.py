@@ -59,12 +59,20 @@ class CoalescingWriter(Generic[J]):
         self._q: queue.SimpleQueue[J | None] = queue.SimpleQueue()
         self._cond = threading.Condition()
         self._outstanding = 0
-        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
-        self._thread.start()
+        self._name = name
+        self._thread = self._start()
+
+    def _start(self) -> threading.Thread:
+        t = threading.Thread(target=self._loop, name=self._name, daemon=True)
+        t.start()
+        return t
 
     def put(self, job: J) -> Future[Any]:
+        """Queue ``job``; its future is done when it has run (after a :meth:`close` a new thread runs it)."""
         with self._cond:
             self._outstanding += 1
+            if not self._thread.is_alive():
+                self._thread = self._start()
         self._q.put(job)
         return job.future
 
@@ -88,7 +96,7 @@ class CoalescingWriter(Generic[J]):
                 try:
                     self._on_idle()  # type: ignore[misc]
                 except Exception as exc:  # noqa: BLE001 - its next use finds the problem again
-                    log.warning("%s: on_idle: %s", self._thread.name, exc)
+                    log.warning("%s: on_idle: %s", self._name, exc)
                 continue
             if job is None:
                 return
@@ -109,7 +117,7 @@ class CoalescingWriter(Generic[J]):
             try:
                 self._run(jobs)
             except BaseException as exc:  # noqa: BLE001 - fail the batches, do not hang the consumer
-                log.exception("%s: %s", self._thread.name, exc)
+                log.exception("%s: %s", self._name, exc)
                 for j in jobs:
                     if not j.future.done():
                         j.future.set_exception(exc if isinstance(exc, Exception) else RuntimeError(repr(exc)))

@@ -102,6 +102,8 @@ def test_close_runs_what_is_queued_and_ends_the_thread() -> None:
     w.close()
     assert all(f.done() for f in futs) and sorted(n for c in rec.calls for n in c) == [0, 1, 2]
     assert not any(t.name == "t-coalesce-close" and t.is_alive() for t in threading.enumerate())
+    assert w.put(J(9)).result(10) == 9               # used again after close: a new thread runs it
+    w.close()
 
 
 def test_on_idle_runs_when_nothing_comes_and_its_failure_does_not_end_the_thread() -> None:
