@@ -147,7 +147,8 @@ def test_native_and_qatrader_orders_reach_the_account_exec_key(env: Env) -> None
     q = next(m for m in msgs if m["order_id"] == "q-1")
     assert (q["direction"], q["offset"], q["volume"], q["price"]) == ("SELL", "OPEN", 2, 3901.0)
     assert env.get_all(env.topo.exec_queue("acc2").name) == []
-    assert env.store.get_order("q-1")["state"] == "routed"
+    # marked behind the batch, by the writer thread
+    wait_for(lambda: env.store.get_order("q-1")["state"] == "routed", 10, what="q-1 marked routed")
 
 
 def test_group_fan_out_copy_trade_reverse_lot_rounding_and_cancel_propagation(env: Env) -> None:
@@ -387,7 +388,9 @@ def test_force_close_sent_while_the_router_is_down_runs_when_it_starts_and_sigte
 
 # batches ---------------------------------------------------------------------------------------
 def _orders_in_one_batch(env: Env, bodies: list[dict[str, Any]], **kw: Any) -> Any:
-    """Publish the orders while the router is not consuming, then start it: one prefetch, one batch."""
+    """Publish the orders while the router is not consuming, then start it: one prefetch, one batch
+    (``batch_wait``: even if the first read brings only some of them)."""
+    kw.setdefault("batch_wait", 0.3)
     declare_queue_sync(env.ch, env.topo.router_orders.with_bindings())
     env.ch.queue_bind(env.topo.router_orders.name, env.topo.order, "#")
     for b in bodies:
@@ -412,7 +415,8 @@ def test_a_batch_with_the_same_order_id_twice_places_it_once(env: Env) -> None:
     assert [m["order_id"] for m in env.exec_msgs("fol", 3)] == ["b-1/f/fol", "dup/f/fol", "b-2/f/fol"]
     assert env.get_all(env.topo.exec_queue("acc").name) == []
     assert router.consumer.counts["batches"] <= 2 and router.counts["duplicates"] == 1
-    assert all(env.store.get_order(i)["state"] == "routed" for i in ("b-1", "dup", "b-2"))
+    wait_for(lambda: all(env.store.get_order(i)["state"] == "routed" for i in ("b-1", "dup", "b-2")), 10,
+             what="marked routed (after the audit, in the same write)")
 
 
 def test_a_returned_child_inside_a_batch_becomes_a_reject_report_for_that_child_only(env: Env) -> None:
@@ -447,7 +451,8 @@ def test_a_crash_between_plan_insert_and_publish_resumes_with_the_same_ids(env: 
     env.ch.queue_bind(env.topo.router_orders.name, env.topo.order, "#")
     for b in (_body("acc", "c-3"), _body("acc", "c-4")):           # waiting: one batch
         env.publish(env.topo.order, "acc", b)
-    r1 = Router(env.settings, env.topo, env.db)
+    # batch_wait: both orders in the one batch even if the first read brings only one of them
+    r1 = Router(env.settings, env.topo, env.db, batch_wait=0.5)
 
     def boom(*_a: Any, **_k: Any) -> None:
         raise Crash("killed after the plan insert")
