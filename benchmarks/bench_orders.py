@@ -44,6 +44,7 @@ import json
 import os
 import pstats
 import queue
+import shutil
 import signal
 import subprocess
 import sys
@@ -540,6 +541,9 @@ class Bench:
                 self.conn.close()
         except Exception:  # noqa: BLE001
             pass
+        # the daemons' logs: their tails are in the results when something failed (run()); a
+        # profile written there was read by then
+        shutil.rmtree(self.tmp, ignore_errors=True)
         return errors
 
 
