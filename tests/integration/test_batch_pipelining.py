@@ -30,6 +30,25 @@ def _depth(channel: Any, queue: str) -> int:
     return int(channel.queue_declare(queue, passive=True).method.message_count)
 
 
+def _consume(amqp_url: str, topology: Topology, q: Any, handler: Any, run_in_thread: Any,
+             **kw: Any) -> tuple[BatchConsumer, Any]:
+    """A BatchConsumer of Pings on ``q`` (prefetch 100), running in a thread: (consumer, thread)."""
+    consumer = BatchConsumer(Connection(urls=[amqp_url]), q, handler, message_type=Ping, topology=topology,
+                             prefetch=100, **kw)
+    t = run_in_thread(consumer)
+    assert consumer.ready.wait(10)
+    return consumer, t
+
+
+def _send(amqp_url: str, topology: Topology, key: str, n: int) -> StreamPublisher:
+    """Pings 0..n-1 to qa.exec with ``key``, confirmed; returns the publisher (its connection to close)."""
+    pub = StreamPublisher(Connection(urls=[amqp_url]), topology=topology)
+    for i in range(n):
+        pub.publish(topology.exec, key, Ping(n=i))
+    pub.flush()
+    return pub
+
+
 def test_batches_are_acked_in_order_and_a_failure_brings_back_every_later_batch(
         amqp_url: str, topology: Topology, amqp_channel, run_in_thread) -> None:
     q = topology.durable_queue(topology.name("t.pipelined"), Binding(topology.exec, "pp"))
@@ -45,14 +64,9 @@ def test_batches_are_acked_in_order_and_a_failure_brings_back_every_later_batch(
             fut.set_result({})
         return fut
 
-    consumer = BatchConsumer(Connection(urls=[amqp_url]), q, handler, message_type=Ping, topology=topology,
-                             batch_size=10, batch_wait=0.05, prefetch=100, pipeline_depth=3)
-    run_in_thread(consumer)
-    assert consumer.ready.wait(10)
-    pub = StreamPublisher(Connection(urls=[amqp_url]), topology=topology)
-    for n in range(30):
-        pub.publish(topology.exec, "pp", Ping(n=n))
-    pub.flush()
+    consumer, _t = _consume(amqp_url, topology, q, handler, run_in_thread, batch_size=10, batch_wait=0.05,
+                            pipeline_depth=3)
+    pub = _send(amqp_url, topology, "pp", 30)
     wait_for(lambda: len(handed) == 3, what="three batches handed over")
     assert sorted(n for b, _f in handed for n, _r in b) == list(range(30))
     # batches 2 and 3 done, batch 1 not: nothing may be acknowledged yet
@@ -84,14 +98,9 @@ def test_stopping_waits_for_the_batches_in_flight(amqp_url: str, topology: Topol
         handed.append(fut)
         return fut
 
-    consumer = BatchConsumer(Connection(urls=[amqp_url]), q, handler, message_type=Ping, topology=topology,
-                             batch_size=5, batch_wait=0.05, prefetch=100, pipeline_depth=4)
-    t = run_in_thread(consumer)
-    assert consumer.ready.wait(10)
-    pub = StreamPublisher(Connection(urls=[amqp_url]), topology=topology)
-    for n in range(10):
-        pub.publish(topology.exec, "ps", Ping(n=n))
-    pub.flush()
+    consumer, t = _consume(amqp_url, topology, q, handler, run_in_thread, batch_size=5, batch_wait=0.05,
+                           pipeline_depth=4)
+    pub = _send(amqp_url, topology, "ps", 10)
     wait_for(lambda: len(handed) == 2, what="two batches in flight")
     consumer.stop()
     assert t.is_alive()   # it cannot stop with work in flight ...
@@ -120,15 +129,9 @@ def test_a_poison_message_is_isolated_and_dead_lettered_with_batches_in_flight(
                                        fut.set_result({}))).start()
         return fut
 
-    consumer = BatchConsumer(Connection(urls=[amqp_url]), q, handler, message_type=Ping, topology=topology,
-                             batch_size=5, batch_wait=0.02, prefetch=100, pipeline_depth=4,
-                             retry_backoff=Backoff(interval_start=0.01, interval_max=0.05))
-    run_in_thread(consumer)
-    assert consumer.ready.wait(10)
-    pub = StreamPublisher(Connection(urls=[amqp_url]), topology=topology)
-    for n in range(30):
-        pub.publish(topology.exec, "pz", Ping(n=n))
-    pub.flush()
+    consumer, _t = _consume(amqp_url, topology, q, handler, run_in_thread, batch_size=5, batch_wait=0.02,
+                            pipeline_depth=4, retry_backoff=Backoff(interval_start=0.01, interval_max=0.05))
+    pub = _send(amqp_url, topology, "pz", 30)
     wait_for(lambda: _depth(amqp_channel, topology.dead_letters.name) >= 1, timeout=30, what="the poison dead-lettered")
     wait_for(lambda: consumer.counts["acked"] >= 30, timeout=20, what="everything acked or dead-lettered")
     with lock:
@@ -166,15 +169,9 @@ def test_a_batch_that_fails_because_an_earlier_one_failed_is_requeued_with_it(
             raise Transient("an earlier batch was not stored")
         return {}
 
-    consumer = BatchConsumer(Connection(urls=[amqp_url]), q, handler, message_type=Ping, topology=topology,
-                             batch_size=10, batch_wait=0.05, prefetch=100, pipeline_depth=3,
-                             retry_backoff=Backoff(interval_start=0.01, interval_max=0.05))
-    run_in_thread(consumer)
-    assert consumer.ready.wait(10)
-    pub = StreamPublisher(Connection(urls=[amqp_url]), topology=topology)
-    for n in range(20):
-        pub.publish(topology.exec, "pa", Ping(n=n))
-    pub.flush()
+    consumer, _t = _consume(amqp_url, topology, q, handler, run_in_thread, batch_size=10, batch_wait=0.05,
+                            pipeline_depth=3, retry_backoff=Backoff(interval_start=0.01, interval_max=0.05))
+    pub = _send(amqp_url, topology, "pa", 20)
 
     def again() -> list[int]:
         with lock:
