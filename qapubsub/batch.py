@@ -170,11 +170,8 @@ class BatchConsumer(Consumer):
                 # An earlier batch failed in flight (this one may have raised because of it): that
                 # one and every later one in flight were requeued, but not this one, taken out of
                 # the collection before the call. Requeue it too: left unacked, the next
-                # multiple-ack would cover it, unhandled.
-                self._flush_acks()
-                assert self._ch is not None
-                self._ch.basic_nack(delivery_tag=batch[-1][1].delivery_tag, multiple=True, requeue=True)
-                self.counts["requeued"] += len(batch)
+                # multiple-ack would cover it, unhandled. (No second back-off: _abort waited.)
+                self._requeue(batch, 0.0)
                 return
             self._on_failure(batch, exc)
             return
