@@ -42,12 +42,18 @@ def _type_name(t: object) -> str:
     return getattr(t, "__name__", repr(t))
 
 
+def _same_schema_as_base(cls: type) -> bool:
+    """A subclass with its base's tag is a decoding variant (``CheckedTick``), not a schema of its own."""
+    tag = cls.__struct_config__.tag  # type: ignore[attr-defined]
+    return any(b is not Message and issubclass(b, Message) and b.__struct_config__.tag == tag for b in cls.__mro__[1:])
+
+
 def message_tables() -> str:
     out: list[str] = []
     for mod in MESSAGE_MODULES:
         m = importlib.import_module(mod)
         classes = [c for c in vars(m).values() if isinstance(c, type) and issubclass(c, Message) and c is not Message
-                   and c.__module__ == mod]
+                   and c.__module__ == mod and not _same_schema_as_base(c)]
         for cls in classes:
             cfg = cls.__struct_config__
             strict = " (strict: unknown fields are an error)" if cfg.forbid_unknown_fields else ""

@@ -62,7 +62,7 @@ import msgspec
 
 from qamarket.aggregation import Aggregator
 from qamarket.cleaning import DUPLICATE, OUT_OF_ORDER, TickCleaner
-from qamarket.models import DEFAULT_REGISTRY, Bar, Tick, TickBatch, UnknownInstrument
+from qamarket.models import DEFAULT_REGISTRY, Bar, Tick, TickBatch, TickDecoder, UnknownInstrument
 from qamarket.sessions import to_ms
 from qapubsub import keys
 from qapubsub.coalesce import CoalescingWriter
@@ -630,7 +630,7 @@ def build(settings: Settings, args: argparse.Namespace) -> tuple[Any, TickPipeli
         from qapubsub.settings import ConfigError
         raise ConfigError(f"--shard {args.shard} is not one of the {shards} shard(s) (--shards / QA_TICK_SHARDS)")
     topo.declare_sync(conn.channel(), queues=[topo.tick_queue(i) for i in range(shards)])
-    consumer = _tick_batch_consumer(conn, topo.tick_queue(args.shard), pipeline.submit, message_type=Tick | TickBatch,
+    consumer = _tick_batch_consumer(conn, topo.tick_queue(args.shard), pipeline.submit, message_type=TickDecoder(),
                                     max_batch_ticks=max(1, args.batch_ticks), topology=topo,
                                     batch_size=args.batch_size, batch_wait=args.batch_wait, prefetch=args.prefetch,
                                     pipeline_depth=args.pipeline_depth, on_idle=pipeline.on_timer, idle_interval=0.1,

@@ -22,7 +22,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any, Final
 
-from .models import UNSET_PRICE, InstrumentSpec, Tick
+from .models import PRICE_FIELDS, UNSET_PRICE, CheckedTick, InstrumentSpec, Tick
 from .sessions import END_GRACE_MS, MS_MIN, Calendar, DEFAULT_CALENDAR, Phase, template
 
 BAD_PRICE: Final = "bad_price"
@@ -32,13 +32,7 @@ STALE: Final = "stale"
 OUTSIDE_SESSION: Final = "outside_session"
 REASONS: tuple[str, ...] = (BAD_PRICE, DUPLICATE, OUT_OF_ORDER, STALE, OUTSIDE_SESSION)
 
-_PRICE_FIELDS = (
-    "open_price", "high_price", "low_price", "pre_close", "pre_settlement", "limit_up", "limit_down",
-    *(f"{side}_price_{i}" for side in ("bid", "ask") for i in range(1, 6)),
-)
-
-
-_price_values = __import__("operator").attrgetter(*_PRICE_FIELDS)
+_price_values = __import__("operator").attrgetter(*PRICE_FIELDS)
 
 
 def _key(t: Tick) -> tuple[object, ...]:
@@ -98,13 +92,13 @@ class TickCleaner:
                 return reason
         self.kept += 1
         self._last = tick
-        if self.normalize:
+        if self.normalize and type(tick) is not CheckedTick:  # a CheckedTick has no unset price
             # Normalising would change bid/ask_price_1 (part of the duplicate key): keep the key of the
             # tick as received. Otherwise the key is read from ``_last`` only when needed (same ms).
             vals = _price_values(tick)
             if not (max(vals) < UNSET_PRICE):  # an unset price (or a NaN: checked field by field)
                 self._last_key = _key(tick) if (tick.bid_price_1 >= UNSET_PRICE or tick.ask_price_1 >= UNSET_PRICE) else None
-                for f, v in zip(_PRICE_FIELDS, vals):
+                for f, v in zip(PRICE_FIELDS, vals):
                     if v >= UNSET_PRICE:
                         setattr(tick, f, 0.0)
                 return None

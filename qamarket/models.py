@@ -19,11 +19,11 @@ from __future__ import annotations
 import datetime as _dtm
 import re
 import sys
-from typing import Literal
+from typing import Annotated, Literal
 
 import msgspec
 
-from qapubsub.messages import Message
+from qapubsub.messages import BodyDecoder, Message, decode
 
 from .sessions import from_ms
 
@@ -95,6 +95,58 @@ class TickBatch(Message, tag="qa.tickbatch", gc=False):
     symbol: str
     exchange: Exchange
     ticks: list[Tick]
+
+
+#: Price fields besides ``last_price`` that a feed may leave unset (CTP: ``DBL_MAX``); the cleaner
+#: stores them as 0.0.
+PRICE_FIELDS: tuple[str, ...] = (
+    "open_price", "high_price", "low_price", "pre_close", "pre_settlement", "limit_up", "limit_down",
+    *(f"{side}_price_{i}" for side in ("bid", "ask") for i in range(1, 6)),
+)
+
+_SetPrice = Annotated[float, msgspec.Meta(lt=UNSET_PRICE)]
+
+#: A :class:`Tick` whose decoder checked (in C) that none of :data:`PRICE_FIELDS` is unset, so the
+#: cleaner has nothing to normalise (it skips the per-tick check). Same fields, same ``qa.tick`` tag:
+#: made only by :class:`TickDecoder`, everywhere else it is just a Tick.
+CheckedTick = msgspec.defstruct("CheckedTick", [(f, _SetPrice, 0.0) for f in PRICE_FIELDS], bases=(Tick,),
+                                module=__name__, gc=False)
+
+
+class CheckedTickBatch(TickBatch, gc=False):
+    """A :class:`TickBatch` of :data:`CheckedTick` (see :class:`TickDecoder`)."""
+
+    ticks: list[CheckedTick]  # type: ignore[valid-type]
+
+
+class TickDecoder(BodyDecoder):
+    """Decodes a ``Tick | TickBatch`` body (the tickhandler's ``message_type``).
+
+    It first decodes with the price fields constrained below ``UNSET_PRICE`` (a check inside the
+    decoder, ~0.07 µs a tick), which gives :data:`CheckedTick` objects whose normalisation the
+    cleaner skips (it was ~10 % of the tickhandler's CPU for batched feeds). A body with an unset
+    price fails that check and is decoded again as plain ``Tick | TickBatch``, and so are the next
+    ``plain_for`` bodies: a feed that leaves prices unset (raw CTP) pays the second decode about
+    once in ``plain_for`` messages, not for every one. Invalid bodies raise the plain decoder's
+    :class:`~qapubsub.messages.DecodeError`.
+    """
+
+    def __init__(self, plain_for: int = 1000) -> None:
+        self.plain_for = plain_for
+        self._plain_left = 0
+        self._checked = msgspec.json.Decoder(CheckedTick | CheckedTickBatch)
+
+    def decode(self, data: bytes | bytearray | memoryview | str) -> Tick | TickBatch:
+        if self._plain_left:
+            self._plain_left -= 1
+            return decode(data, Tick | TickBatch)
+        try:
+            return self._checked.decode(data)  # type: ignore[no-any-return]
+        except msgspec.DecodeError:
+            pass  # an unset price (or an invalid body: the plain decoder raises and says why)
+        msg: Tick | TickBatch = decode(data, Tick | TickBatch)
+        self._plain_left = self.plain_for
+        return msg
 
 
 class Bar(Message, tag="qa.bar", gc=False):

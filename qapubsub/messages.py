@@ -69,8 +69,20 @@ def encode(msg: Any) -> bytes:
     return _encoder.encode(msg)
 
 
+class BodyDecoder:
+    """A decoder to pass where a message type is expected (``decode(body, it)``, a consumer's
+    ``message_type``) when one type is not enough, e.g. a strict fast path with a fallback.
+    Subclasses implement :meth:`decode`: the payload, or :class:`DecodeError` with the reason."""
+
+    def decode(self, data: bytes | bytearray | memoryview | str) -> Any:
+        raise NotImplementedError
+
+
 def decode(data: bytes | bytearray | memoryview | str, type_: type[M] | Any) -> M:
-    """Decode ``data`` strictly as ``type_`` (a Message subclass, a Union of them, list[...], ...)."""
+    """Decode ``data`` strictly as ``type_`` (a Message subclass, a Union of them, list[...], ...,
+    or a :class:`BodyDecoder`)."""
+    if isinstance(type_, BodyDecoder):
+        return type_.decode(data)  # type: ignore[no-any-return]
     dec = _decoders.get(type_)
     if dec is None:
         dec = _decoders[type_] = msgspec.json.Decoder(type_)

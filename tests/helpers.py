@@ -57,7 +57,11 @@ def risk_url() -> str:
 
 
 def cleaned(ticks: Iterable[Any]) -> Iterator[Any]:
-    """The ticks a fresh ``TickCleaner`` per instrument keeps, in order: what the tickhandler stores."""
+    """The ticks a fresh ``TickCleaner`` per instrument keeps, in order: what the tickhandler stores.
+
+    Copies: the cleaner normalises kept ticks in place, and the caller's ticks are what it publishes."""
+    import copy
+
     from qamarket.cleaning import TickCleaner
     from qamarket.models import DEFAULT_REGISTRY
 
@@ -67,6 +71,7 @@ def cleaned(ticks: Iterable[Any]) -> Iterator[Any]:
         c = cleaners.get(key)
         if c is None:
             c = cleaners[key] = TickCleaner(DEFAULT_REGISTRY.get(t.symbol, t.exchange))
+        t = copy.copy(t)
         if c.check(t) is None:
             yield t
 

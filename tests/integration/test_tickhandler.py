@@ -7,6 +7,7 @@ from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from brokers.random_source import RandomSource, market_fields
@@ -64,6 +65,8 @@ def _ticks(n: int, seed: int = 11) -> list[Tick]:
     # a few bad ones the cleaner must drop: unset price, exact duplicate, out of order
     bad = [Tick(symbol="rb2605", exchange="SHFE", datetime=ticks[10].datetime + 1, last_price=sys.float_info.max),
            ticks[20], ticks[5]]
+    # and one kept tick with unset (CTP DBL_MAX) book and limit prices: stored as 0.0
+    ticks[40] = msgspec.structs.replace(ticks[40], limit_up=sys.float_info.max, ask_price_5=sys.float_info.max)
     return ticks[:30] + bad + ticks[30:]
 
 
@@ -85,6 +88,9 @@ def test_ticks_stored_once_and_bars_on_bus_equal_bars_in_db(amqp_url, topology, 
         wait_for(lambda: amqp_channel.queue_declare(bar_queue, passive=True).method.message_count > 0, timeout=10)
         assert daemons.stop(proc) == 0, (tmp_path / "th.log").read_text()[-3000:]
     assert _stored(mongo_db) == expected
+    t40 = ticks[43]  # ticks[40] of the feed, after the three bad ones
+    back = TickStore(mongo_db, create_indexes=False).ticks(t40.exchange, t40.symbol, t40.datetime, t40.datetime)
+    assert [(t.limit_up, t.ask_price_5) for t in back] == [(0.0, 0.0)]
     on_bus = _drain_bars(amqp_channel, bar_queue)
     ids = Counter(mid for mid, _ in on_bus)
     assert ids and max(ids.values()) == 1, "a bar was published twice"

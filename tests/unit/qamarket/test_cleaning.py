@@ -45,3 +45,25 @@ def test_session_checks_per_exchange_and_clock() -> None:
     n = TickCleaner(spec_for("SR601"))
     assert n.check(tick(at(MON, 22, 59), 6000, 1, symbol="SR601", exchange="CZCE")) is None
     assert n.check(tick(at(MON, 23, 30), 6000, 2, symbol="SR601", exchange="CZCE")) == "outside_session"
+
+
+def test_decoded_ticks_are_normalised_whichever_decoder_path_they_took() -> None:
+    """TickDecoder: bodies without an unset price decode as CheckedTick (the cleaner skips the
+    per-tick check); a body with one is decoded plainly and the cleaner normalises it."""
+    from qamarket.models import CheckedTick, TickBatch, TickDecoder
+    from qapubsub.messages import decode, encode
+
+    dec = TickDecoder(plain_for=1)
+    c = TickCleaner(spec_for("rb2510"))
+    unset = sys.float_info.max
+    bodies = [encode(tick(at(MON, 9, 0, 1), 10, 1, high_price=3600.0)),
+              encode(tick(at(MON, 9, 0, 2), 10, 2, limit_up=unset, bid_price_4=unset)),
+              encode(tick(at(MON, 9, 0, 3), 10, 3, ask_price_5=3700.0)),  # plain_for=1: still plain
+              encode(TickBatch(symbol="rb2510", exchange="SHFE", ticks=[tick(at(MON, 9, 0, 4), 10, 4, pre_close=3400.0)]))]
+    got = [decode(b, dec) for b in bodies]  # the consumers' entry point
+    assert [type(m).__name__ for m in got] == ["CheckedTick", "Tick", "Tick", "CheckedTickBatch"]
+    ticks = [*got[:3], *got[3].ticks]
+    assert type(ticks[3]) is CheckedTick
+    assert [c.check(t) for t in ticks] == [None] * 4
+    assert (ticks[0].high_price, ticks[1].limit_up, ticks[1].bid_price_4, ticks[2].ask_price_5, ticks[3].pre_close) == (
+        3600.0, 0.0, 0.0, 3700.0, 3400.0)

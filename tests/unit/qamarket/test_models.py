@@ -79,3 +79,22 @@ def test_registry() -> None:
     reg = InstrumentRegistry([])
     reg.register(InstrumentSpec(product="xx", exchange="GFEX", price_tick=1))
     assert reg.get("xx2601").exchange == "GFEX"
+
+
+def test_tick_decoder_falls_back_for_unset_prices_and_reports_invalid_bodies() -> None:
+    import sys
+
+    from qamarket.models import CheckedTick, TickDecoder
+
+    dec = TickDecoder(plain_for=2)
+    plain = encode(tick(at(MON, 9, 0), 3500.0, 1))
+    unset = encode(tick(at(MON, 9, 0), 3500.0, 1, limit_down=sys.float_info.max))
+    assert type(dec.decode(plain)) is CheckedTick
+    assert dec.decode(unset).limit_down == sys.float_info.max  # decoded as sent: the cleaner normalises it
+    # the next plain_for bodies skip the checked decoder (a feed that leaves prices unset decodes once)
+    assert [type(dec.decode(plain)) for _ in range(3)] == [Tick, Tick, CheckedTick]
+    with pytest.raises(DecodeError, match="missing required field `last_price`"):
+        decode(b'{"schema":"qa.tick","symbol":"rb2510","exchange":"SHFE","datetime":1}', dec)
+    with pytest.raises(DecodeError, match="not valid JSON"):
+        dec.decode(b"{nope")
+    assert type(dec.decode(plain)) is CheckedTick  # an invalid body does not switch to plain decoding
