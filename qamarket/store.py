@@ -57,7 +57,7 @@ import threading
 import zlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from itertools import islice
+from itertools import groupby, islice
 from typing import Any
 
 import msgspec
@@ -103,7 +103,9 @@ TickKey = tuple[int, float, int]  # (datetime ms, cumulative volume, seq)
 _row_of = operator.attrgetter(*ROW_FIELDS)
 _key_of = operator.attrgetter("datetime", "volume", "seq")
 _dt_of = operator.attrgetter("datetime")
-_day_src_of = operator.attrgetter("trading_day", "source")
+_day_of = operator.attrgetter("trading_day")
+_src_of = operator.attrgetter("source")
+_inst_of = operator.attrgetter("exchange", "symbol")
 _lt = operator.lt
 _enc = msgspec.msgpack.Encoder()
 _dec = msgspec.msgpack.Decoder()
@@ -141,13 +143,13 @@ def tick_key(t: Tick) -> TickKey:
 def group_by_instrument(ticks: Iterable[Tick]) -> dict[tuple[str, str], list[Tick]]:
     """``{(exchange, symbol): [ticks in arrival order]}``, instruments in order of first appearance."""
     out: dict[tuple[str, str], list[Tick]] = {}
-    for t in ticks:
-        k = (t.exchange, t.symbol)
+    # Ticks come in runs of one instrument (a TickBatch, a consumer batch): take them run by run.
+    for k, run in groupby(ticks, _inst_of):
         lst = out.get(k)
         if lst is None:
-            out[k] = [t]
+            out[k] = list(run)
         else:
-            lst.append(t)
+            lst.extend(run)
     return out
 
 
@@ -160,6 +162,10 @@ def filter_new(ticks: Sequence[Tick], mark: TickKey | None) -> tuple[list[Tick],
     if ticks:
         # Fast path (the common case: a clean feed, keys strictly increasing and above the mark),
         # checked in C over the keys; falls back to the running filter below otherwise.
+        # Strictly increasing times make strictly increasing keys (time is the key's first part).
+        dts = list(map(_dt_of, ticks))
+        if (mark is None or _key_of(ticks[0]) > mark) and all(map(_lt, dts, islice(dts, 1, None))):
+            return list(ticks), _key_of(ticks[-1])
         keys = list(map(_key_of, ticks))
         if (mark is None or keys[0] > mark) and all(map(_lt, keys, islice(keys, 1, None))):
             return list(ticks), keys[-1]
@@ -181,8 +187,10 @@ def split_chunks(ticks: Sequence[Tick], max_ticks: int = MAX_CHUNK_TICKS,
     if not ticks:
         return []
     # Fast path: everything fits one chunk (checked in C; the loop below cuts otherwise).
-    if (len(ticks) <= max_ticks and max(map(_dt_of, ticks)) - ticks[0].datetime <= max_span_ms
-            and len(set(map(_day_src_of, ticks))) == 1):
+    a = ticks[0]
+    n = len(ticks)
+    if (n <= max_ticks and max(map(_dt_of, ticks)) - a.datetime <= max_span_ms
+            and list(map(_day_of, ticks)).count(a.trading_day) == n and list(map(_src_of, ticks)).count(a.source) == n):
         return [list(ticks)]
     chunks: list[list[Tick]] = []
     cur: list[Tick] = []

@@ -120,3 +120,16 @@ def test_quantaxis_start_label() -> None:
     assert start_of(ms_of(2025, 3, 4, 10, 45), 30, rb) == ms_of(2025, 3, 4, 10, 30)  # after the 10:15 break
     assert start_of(ms_of(2025, 3, 4, 9, 5), 5, None) == ms_of(2025, 3, 4, 9, 0)
     assert [stock_exchange_of(c) for c in ("600000", "000001", "300750", "830799")] == ["SSE", "SZSE", "SZSE", "BSE"]
+
+
+def test_filter_with_increasing_times_still_compares_the_first_key_with_the_mark() -> None:
+    a, b = mk(T0 + 5, 9.0), mk(T0 + 6, 1.0)
+    assert filter_new([a, b], (T0 + 5, 10.0, 0)) == ([b], tick_key(b))  # a: same ms, lower volume than the mark
+    c = mk(T0 + 5, 11.0)
+    assert filter_new([c, b], (T0 + 5, 10.0, 0)) == ([c, b], tick_key(b))
+
+
+def test_group_by_instrument_merges_interleaved_runs() -> None:
+    r1, h1, r2, h2, r3 = (mk(T0 + i, float(i), sym=s) for i, s in enumerate(["rb2512", "hc2512", "rb2512", "hc2512", "rb2512"]))
+    assert group_by_instrument([r1, h1, r2, h2, r3]) == {("SHFE", "rb2512"): [r1, r2, r3], ("SHFE", "hc2512"): [h1, h2]}
+    assert list(group_by_instrument(iter([h1, r1]))) == [("SHFE", "hc2512"), ("SHFE", "rb2512")]
