@@ -31,7 +31,9 @@ Figures (see docs/benchmarks.md, "Tick pipeline"):
    ``--batch-wait`` with a small prefetch); the better p99 is reported.
 3. ``pipeline.batched_100``: TickBatch messages of 100 ticks of one instrument
    (``RandomSource.batches``), ticks/s end to end with zero loss. Baseline: the raw pipe
-   carrying the same TickBatch bodies (ticks/s).
+   carrying the same TickBatch bodies (ticks/s). ``pipeline.batched_100_2shards``: the same
+   stream over two tickhandler processes (``--shards 2``, ``qa.tick.shards`` spreads the
+   instruments); the end is when MongoDB holds every tick (see :func:`pipeline_run`).
 4. ``pipeline.rss_5000_instruments``: VmRSS of the tickhandler before and after 5,000
    distinct instruments (futures months of every product + SSE stocks 600000..) have ~5 ticks
    each; also VmHWM.
@@ -295,10 +297,10 @@ def _proc_mem(pid: int) -> dict[str, float]:
 
 
 class Pipeline:
-    """One namespaced topology + MongoDB database + a tickhandler subprocess."""
+    """One namespaced topology + MongoDB database + ``shards`` tickhandler subprocesses (shard 0..N-1)."""
 
     def __init__(self, batch_size: int, prefetch: int, batch_wait: float | None = None,
-                 profile_to: Path | None = None, tmp: Path | None = None) -> None:
+                 profile_to: Path | None = None, tmp: Path | None = None, shards: int = 1) -> None:
         from qapubsub.topology import Topology
 
         tag = uuid.uuid4().hex[:10]
@@ -306,11 +308,15 @@ class Pipeline:
         self.db_name = f"bench_pl_{tag}"
         self.topo = Topology(self.ns)
         self.tmp = tmp or Path(tempfile.gettempdir())
-        self.log_path = self.tmp / f"tickhandler-{tag}.log"
-        self.args = {"batch_size": batch_size, "prefetch": prefetch, "batch_wait": batch_wait}
-        _amqp(lambda ch: self.topo.declare_sync(ch, queues=(self.topo.dead_letters, self.topo.tickhandler)))
-        env = {**os.environ, "QA_NAMESPACE": self.ns, "QA_MONGO_DB": self.db_name, "PYTHONUNBUFFERED": "1"}
-        cmd = [PY, "-m", "handlers.tickhandler", "--batch-size", str(batch_size), "--prefetch", str(prefetch)]
+        self.shards = shards
+        self.log_paths = [self.tmp / f"tickhandler-{tag}-{i}.log" for i in range(shards)]
+        self.args = {"batch_size": batch_size, "prefetch": prefetch, "batch_wait": batch_wait, "shards": shards}
+        queues = [self.topo.tick_queue(i) for i in range(shards)]
+        _amqp(lambda ch: self.topo.declare_sync(ch, queues=(self.topo.dead_letters, *queues)))
+        env = {**os.environ, "QA_NAMESPACE": self.ns, "QA_MONGO_DB": self.db_name, "QA_TICK_SHARDS": str(shards),
+               "PYTHONUNBUFFERED": "1"}
+        cmd = [PY, "-m", "handlers.tickhandler", "--batch-size", str(batch_size), "--prefetch", str(prefetch),
+               "--shards", str(shards)]
         if batch_wait is not None:
             cmd += ["--batch-wait", str(batch_wait)]
         if profile_to is not None:
@@ -320,48 +326,70 @@ class Pipeline:
                     f"cProfile.run('cli.run_module(\"handlers.tickhandler\", None, \"qaflow tickhandler\")', "
                     f"{str(profile_to)!r})")
             cmd = [PY, "-c", code, *cmd[3:]]
-        self._log = open(self.log_path, "w")  # noqa: SIM115 - closed in close()
-        self.p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
-                                  cwd=ROOT, env=env)
+        self._logs = [open(lp, "w") for lp in self.log_paths]  # noqa: SIM115 - closed in close()
+        self.procs = [subprocess.Popen([*cmd, "--shard", str(i)], stdin=subprocess.DEVNULL, stdout=log,
+                                       stderr=subprocess.STDOUT, cwd=ROOT, env=env)
+                      for i, log in enumerate(self._logs)]
         self.summary: dict[str, Any] = {}
 
     def wait_ready(self, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self.p.poll() is not None:
-                raise RuntimeError(f"tickhandler exited ({self.p.returncode}): {self.log()[-800:]}")
-            if ": consuming" in self.log():
+            for p, text in zip(self.procs, self.logs()):
+                if p.poll() is not None:
+                    raise RuntimeError(f"tickhandler exited ({p.returncode}): {text[-800:]}")
+            if all(": consuming" in text for text in self.logs()):
                 return
             time.sleep(0.05)
         raise RuntimeError(f"tickhandler not consuming after {timeout} s: {self.log()[-800:]}")
 
+    def logs(self) -> list[str]:
+        out = []
+        for lp in self.log_paths:
+            try:
+                out.append(lp.read_text())
+            except OSError:
+                out.append("")
+        return out
+
     def log(self) -> str:
-        try:
-            return self.log_path.read_text()
-        except OSError:
-            return ""
+        return "\n".join(self.logs())
 
     def cpu(self) -> float:
-        return _proc_cpu(self.p.pid)
+        return sum(_proc_cpu(p.pid) for p in self.procs)
 
     def mem(self) -> dict[str, float]:
-        return _proc_mem(self.p.pid)
+        """VmRSS / VmHWM of the tickhandler (summed over the shards)."""
+        out: dict[str, float] = {}
+        for p in self.procs:
+            for k, v in _proc_mem(p.pid).items():
+                out[k] = out.get(k, 0.0) + v
+        return out
 
     def stop(self) -> dict[str, Any]:
-        """SIGTERM (drain, exit 0) and parse the shutdown summary (counts, dropped)."""
-        if self.p.poll() is None:
-            self.p.send_signal(signal.SIGTERM)  # our own child, by its handle
+        """SIGTERM (drain, exit 0) and parse the shutdown summaries (counts, dropped; summed over the shards)."""
+        for p in self.procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)  # our own children, by their handles
+        for p in self.procs:
             try:
-                self.p.wait(30)
+                p.wait(30)
             except subprocess.TimeoutExpired:
-                self.p.kill()
-                self.p.wait(5)
-        text = self.log()
-        m = re.search(r"tickhandler stopped: (\{.*?\}); dropped (\{.*?\})\s*$", text, re.M)
-        if m:
-            self.summary = {"counts": ast.literal_eval(m.group(1)), "dropped": ast.literal_eval(m.group(2))}
-        self.summary["returncode"] = self.p.returncode
-        errors = [ln for ln in text.splitlines() if " ERROR " in ln or " WARNING " in ln]
+                p.kill()
+                p.wait(5)
+        counts: dict[str, int] = {}
+        dropped: dict[str, int] = {}
+        errors: list[str] = []
+        for text in self.logs():
+            m = re.search(r"tickhandler stopped: (\{.*?\}); dropped (\{.*?\})\s*$", text, re.M)
+            if m:
+                for into, part in ((counts, m.group(1)), (dropped, m.group(2))):
+                    for k, v in ast.literal_eval(part).items():
+                        into[k] = into.get(k, 0) + v
+            errors += [ln for ln in text.splitlines() if " ERROR " in ln or " WARNING " in ln]
+        self.summary = {"counts": counts, "dropped": dropped}
+        codes = [p.returncode for p in self.procs]
+        self.summary["returncode"] = codes[0] if len(codes) == 1 else codes
         if errors:
             self.summary["log_problems"] = errors[:5]
         return self.summary
@@ -383,12 +411,10 @@ class Pipeline:
     def close(self) -> None:
         import pymongo
 
-        if self.p.poll() is None:
+        if any(p.poll() is None for p in self.procs):
             self.stop()
-        try:
-            self._log.close()
-        except Exception:  # noqa: BLE001
-            pass
+        for log in self._logs:
+            log.close()
         try:
             client = pymongo.MongoClient(_mongo_url(), serverSelectionTimeoutMS=5000)
             client.drop_database(self.db_name)
@@ -397,7 +423,7 @@ class Pipeline:
             pass
 
         def f(ch: Any) -> None:
-            for q in (self.topo.tickhandler, self.topo.dead_letters):
+            for q in (*(self.topo.tick_queue(i) for i in range(self.shards)), self.topo.dead_letters):
                 ch.queue_delete(q.name)
             for ex in self.topo.exchanges:
                 ch.exchange_delete(ex.name)
@@ -405,17 +431,24 @@ class Pipeline:
             _amqp(f)
         except Exception:  # noqa: BLE001
             pass
-        try:
-            self.log_path.unlink()
-        except OSError:
-            pass
+        for lp in self.log_paths:
+            try:
+                lp.unlink()
+            except OSError:
+                pass
 
 
 def pipeline_run(data: Path, meta: dict[str, Any], batch_size: int, prefetch: int, *, rate: float | None = None,
                  batch_wait: float | None = None, profile_to: Path | None = None, tmp: Path,
-                 keep_rtbars: bool = False, warmup: float = WARMUP_S) -> dict[str, Any]:
-    """Publish ``data`` through a fresh tickhandler; returns rate, loss check, CPU, RSS (and rtbar records)."""
-    pl = Pipeline(batch_size, prefetch, batch_wait, profile_to, tmp)
+                 keep_rtbars: bool = False, warmup: float = WARMUP_S, shards: int = 1) -> dict[str, Any]:
+    """Publish ``data`` through a fresh tickhandler (``shards`` of them); returns rate, loss check, CPU,
+    RSS (and rtbar records).
+
+    With several shards the sentinel's closed bar says only that *its* shard is done: the end is
+    then the first moment after it at which MongoDB holds every tick (polled every 50 ms, from
+    the sentinel on, so the polling does not load the run itself).
+    """
+    pl = Pipeline(batch_size, prefetch, batch_wait, profile_to, tmp, shards=shards)
     tag = uuid.uuid4().hex[:8]
     rt_out = tmp / f"rtbars-{tag}.json"
     send_out = tmp / f"sends-{tag}.json"
@@ -433,6 +466,15 @@ def pipeline_run(data: Path, meta: dict[str, Any], batch_size: int, prefetch: in
                       out=send_out if keep_rtbars else None)
         pr = pub.result(200)
         mr = mon.result(200)
+        t_end = mr.get("t_sentinel")
+        if shards > 1 and t_end is not None:
+            want = meta["ticks"] + 1 + (1 if pr.get("t_warmup") else 0)  # + the sentinel (+ the warm-up tick)
+            deadline = time.monotonic() + 60
+            while pl.stored()["ticks"] < want:
+                if time.monotonic() > deadline:
+                    break  # reported as loss below
+                time.sleep(0.05)
+                t_end = time.time()
         cpu1 = pl.cpu()
         scpu1 = {k: _proc_cpu(v) for k, v in servers.items()}
         mem1 = pl.mem()
@@ -448,9 +490,10 @@ def pipeline_run(data: Path, meta: dict[str, Any], batch_size: int, prefetch: in
         warm_arr = [r[6] for r in rtbars if wsym and f"{r[0]}.{r[1]}" == wsym]
         first_bar_ms = round((min(warm_arr) / 1e9 - pr["t_warmup"]) * 1000, 1) if warm_arr and pr.get("t_warmup") else None
         rtbars = [r for r in rtbars if not (wsym and f"{r[0]}.{r[1]}" == wsym)]
-        secs = mr["t_sentinel"] - pr["t_start"]
+        secs = t_end - pr["t_start"]
         out: dict[str, Any] = {
-            "batch_size": batch_size, "prefetch": prefetch, "batch_wait": batch_wait, "offered_rate": rate,
+            "batch_size": batch_size, "prefetch": prefetch, "batch_wait": batch_wait, "shards": shards,
+            "offered_rate": rate,
             "ticks": ticks, "messages": meta["messages"], "seconds": round(secs, 3),
             "rate": ticks / secs, "publish_rate": pr["rate"], "stored": stored_stream, "dropped": dropped,
             "zero_loss": stored_stream == ticks and dropped == 0,
@@ -683,17 +726,27 @@ def run(quick: bool = False, profile: bool | None = None) -> dict[str, Any]:
             r = attempt(f"batched_{bs}_{pf}", lambda: pipeline_run(batched, meta_b, bs, pf, tmp=tmp))
             if r:
                 bruns.append(r)
+        # the same stream over two tickhandler shards (the design's horizontal scale: one process per core)
+        sruns: list[dict[str, Any]] = []
+        for bs, pf in BATCHED_CONFIGS[:1]:
+            r = attempt(f"batched_{bs}_{pf}_2shards", lambda: pipeline_run(batched, meta_b, bs, pf, tmp=tmp, shards=2))
+            if r:
+                sruns.append(r)
         details["raw_pipe_batched"] = braw
         details["batched_runs"] = [_strip(r) for r in bruns]
-        if bruns:
-            okb = [r for r in bruns if r["zero_loss"]] or bruns
+        details["batched_2shards_runs"] = [_strip(r) for r in sruns]
+        braw_ticks = braw["rate"] * meta_b["ticks"] / meta_b["messages"] if braw else None
+        for name, runs, how in (("pipeline.batched_100.ticks_per_s", bruns, "one tickhandler"),
+                                ("pipeline.batched_100_2shards.ticks_per_s", sruns, "two tickhandler shards")):
+            if not runs:
+                continue
+            okb = [r for r in runs if r["zero_loss"]] or runs
             b = max(okb, key=lambda r: r["rate"])
-            braw_ticks = braw["rate"] * meta_b["ticks"] / meta_b["messages"] if braw else None
             figures.append(figure(
-                "pipeline.batched_100.ticks_per_s", b["rate"], "ticks/s",
+                name, b["rate"], "ticks/s",
                 baseline_name="raw pika pipe, same TickBatch bodies (ticks/s)", baseline=braw_ticks,
                 goal=">= 100,000 ticks/s, zero loss", met=b["rate"] >= 100_000 and b["zero_loss"],
-                note=f"--batch-size {b['batch_size']} --prefetch {b['prefetch']} (messages of 100 ticks); "
+                note=f"{how}, --batch-size {b['batch_size']} --prefetch {b['prefetch']} (messages of 100 ticks); "
                      f"zero loss: {b['zero_loss']}; tickhandler CPU {b['tickhandler_cpu_us_per_tick']} us/tick"))
 
         # 4. RSS with 5,000 instruments -----------------------------------------------------------
