@@ -119,7 +119,8 @@ async def browser(tmp_path: Path) -> AsyncIterator[CDP]:
     log = open(tmp_path / "chromium.log", "wb")  # noqa: SIM115
     proc = subprocess.Popen([exe, *CHROMIUM_FLAGS, f"--remote-debugging-port={port}", "--remote-debugging-address=127.0.0.1",
                              f"--user-data-dir={tmp_path / 'chrome-profile'}", "about:blank"],
-                            stdout=log, stderr=subprocess.STDOUT)
+                            stdout=log, stderr=subprocess.STDOUT,
+                            env={**os.environ, "TMPDIR": str(tmp_path)})  # its singleton socket dir: not in /tmp
     try:
         deadline = time.monotonic() + 30
         targets: list[dict[str, Any]] = []

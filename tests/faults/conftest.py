@@ -159,7 +159,9 @@ class PrivateMongo:
     def start(self) -> float:
         t0 = time.monotonic()
         exe = Path(sys.executable).with_name("nx-27017")
-        self.proc = subprocess.Popen([str(exe), "--host", "127.0.0.1", "-p", str(self.port), "--data-dir", str(self.dir)],
+        # its own log and pid files too: by default nx-27017 writes /tmp/nx_27017.log and .pid
+        self.proc = subprocess.Popen([str(exe), "--host", "127.0.0.1", "-p", str(self.port), "--data-dir", str(self.dir),
+                                      "--log-file", str(self.log), "--pid-file", str(self.dir / "nx.pid")],
                                      stdout=open(self.log, "ab"), stderr=subprocess.STDOUT)  # noqa: SIM115
         wait_for(self.answers, 30, 0.1, "private nx-27017 answering")
         return time.monotonic() - t0
