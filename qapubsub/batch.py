@@ -72,7 +72,8 @@ class BatchConsumer(Consumer):
                  idle_interval: float = 0.1, prefetch: int = 2000, retry_backoff: Backoff | None = None,
                  on_stop: Callable[[], None] | None = None, pipeline_depth: int = 0, **kwargs: Any) -> None:
         super().__init__(connection, queue, self._unused, prefetch=prefetch, ack_every=1 << 30,
-                         poll_interval=min(kwargs.pop("poll_interval", 0.05), batch_wait, idle_interval), **kwargs)
+                         poll_interval=min(kwargs.pop("poll_interval", 0.05), batch_wait, idle_interval),
+                         on_idle=on_idle, idle_interval=idle_interval, **kwargs)
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
         if pipeline_depth < 0:
@@ -80,13 +81,10 @@ class BatchConsumer(Consumer):
         self.batch_handler = batch_handler
         self.batch_size = batch_size
         self.batch_wait = batch_wait
-        self.on_idle = on_idle
         self.on_stop = on_stop
-        self.idle_interval = idle_interval
         self.retry_backoff = retry_backoff or Backoff(interval_start=0.2, interval_max=10.0)
         self._batch: list[tuple[Any, Delivery]] = []
         self._batch_started = 0.0
-        self._last_idle = time.monotonic()
         self._transient_failures = 0
         self.pipeline_depth = pipeline_depth
         self._inflight: deque[tuple[list[tuple[Any, Delivery]], Future[Any]]] = deque()
@@ -104,10 +102,7 @@ class BatchConsumer(Consumer):
         now = time.monotonic()
         if self._batch and now - self._batch_started >= self.batch_wait:
             self._flush_batch()
-        if self.on_idle is not None and now - self._last_idle >= self.idle_interval:
-            self._last_idle = now
-            self.on_idle()
-        super()._maybe_flush_acks()
+        super()._maybe_flush_acks()  # on_idle (after the batch flush), then the acks
 
     def _shutdown(self) -> None:
         if self._ch is not None and self._ch.is_open:

@@ -761,6 +761,9 @@ class Consumer:
     Without a dead-letter exchange (no ``topology``/``dead_letter_exchange``) the message is
     rejected without requeue (the queue's own ``x-dead-letter-exchange`` applies).
 
+    ``on_idle`` runs about every ``idle_interval`` seconds on the consumer's thread, between
+    deliveries (timers that must use the consumer's connection, e.g. to publish).
+
     Errors in the loop are logged and lead to a reconnect; :class:`TopologyMismatch` and
     :class:`FatalError` (ACCESS_REFUSED, login refused) propagate out of :meth:`run`.
     """
@@ -769,7 +772,8 @@ class Consumer:
                  message_type: Any = None, topology: Topology | None = None, exchanges: Iterable[Exchange] = (),
                  dead_letter_exchange: str | None = None, prefetch: int = 100, ack_every: int = 1,
                  ack_interval: float = 0.05, max_attempts: int = handling.DEFAULT_MAX_ATTEMPTS,
-                 poll_interval: float = 0.1, backoff: Backoff | None = None) -> None:
+                 poll_interval: float = 0.1, backoff: Backoff | None = None,
+                 on_idle: Callable[[], None] | None = None, idle_interval: float = 1.0) -> None:
         self.connection = connection
         self.queue: Queue | None = queue if isinstance(queue, Queue) else None
         self.queue_name: str = queue.name if isinstance(queue, Queue) else queue
@@ -783,7 +787,10 @@ class Consumer:
         self.ack_every = max(1, ack_every)
         self.ack_interval = ack_interval
         self.tracker = AttemptTracker(max_attempts)
-        self.poll_interval = poll_interval
+        self.poll_interval = min(poll_interval, idle_interval) if on_idle is not None else poll_interval
+        self.on_idle = on_idle
+        self.idle_interval = idle_interval
+        self._last_idle = time.monotonic()
         self.backoff = backoff or Backoff()
         self.dead_letter_publisher = Publisher(connection, max_attempts=3, mandatory=True)
         self._ch: BlockingChannel | None = None
@@ -1006,7 +1013,11 @@ class Consumer:
             self._flush_acks()
 
     def _maybe_flush_acks(self) -> None:
-        if self._unacked_count and time.monotonic() - self._first_unacked_at >= self.ack_interval:
+        now = time.monotonic()
+        if self.on_idle is not None and now - self._last_idle >= self.idle_interval:
+            self._last_idle = now
+            self.on_idle()
+        if self._unacked_count and now - self._first_unacked_at >= self.ack_interval:
             self._flush_acks()
 
     def _flush_acks(self) -> None:

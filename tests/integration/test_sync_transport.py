@@ -155,6 +155,27 @@ def test_consumer_cancelled_by_broker_consumes_again(amqp_url: str, topology: To
     conn.close()
 
 
+def test_on_idle_runs_on_the_consumers_thread_between_deliveries(amqp_url: str, topology: Topology,
+                                                                  run_in_thread) -> None:
+    conn = Connection(urls=[amqp_url])
+    pub = Publisher(conn, topology=topology)
+    idle: list[int] = []
+    handled: list[int] = []
+    q = topology.durable_queue(topology.name("t.idle"), Binding(topology.exec, "acc6"))
+    consumer = Consumer(Connection(urls=[amqp_url]), q, lambda m, d: handled.append(threading.get_ident()),
+                        message_type=Ping, topology=topology, on_idle=lambda: idle.append(threading.get_ident()),
+                        idle_interval=0.05)
+    run_in_thread(consumer)
+    assert consumer.ready.wait(10)
+    wait_for(lambda: len(idle) >= 3, what="on_idle called while no message comes")
+    pub.publish(topology.exec, "acc6", Ping(n=1))
+    wait_for(lambda: handled, what="the delivery")
+    n = len(idle)
+    wait_for(lambda: len(idle) > n, what="on_idle after the delivery")
+    assert set(idle) == set(handled) == {consumer._thread}  # one thread: it may use the consumer's connection
+    conn.close()
+
+
 def test_late_binding_survives_connection_cut_and_broker_restart(amqp_url: str, restartable_topology: Topology,
                                                                  proxy, restart_broker, run_in_thread) -> None:
     topology = restartable_topology
