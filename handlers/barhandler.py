@@ -17,7 +17,10 @@ run time by the first history request for it -- the daemon
    message id ``ibar.<freq>.<EX>.<symbol>.<label>``. Bars the live queue shed under overload
    are not lost: a closed bar carries ``prev``, the label of the series' bar published before
    it; when that is newer than the series' newest bar, the bars in between are read from the
-   bar store and emitted first, in order.
+   bar store and emitted first, in order. A series that then goes quiet (the market pauses)
+   would wait for its next bar to learn of a shed one: so when a series has had a realtime bar
+   and nothing at all for the bar's length + ``--quiet-check`` seconds, its newer closed bars are
+   read from the store once (:meth:`BarService.check_quiet`).
 
 History requests (:class:`qamarket.rpc.HistoryRequest`) arrive on ``qa.barhandler.history``
 and are answered to ``reply_to`` with ``correlation_id``; a bad request gets an error reply
@@ -51,6 +54,7 @@ from qapubsub.topology import Topology
 log = logging.getLogger(__name__)
 
 FREQS = ("1min", "5min", "15min", "30min", "60min", "1day")
+_FREQ_SECONDS = {**{f: m * 60 for f, m in FREQ_MINUTES.items()}, "1day": 86_400}
 SeriesKey = tuple[str, str, str]  # (exchange, symbol, freq)
 
 
@@ -155,9 +159,11 @@ class BarService:
     def __init__(self, source: HistorySource, *, bind: Callable[[SeriesKey], None] = lambda k: None,
                  emit: Callable[[Bar, dict[str, float | None]], None] = lambda b, i: None,
                  history_bars: int = 1000, max_bars: int = 10_000, max_subscriptions: int = 1000,
-                 default_indicators: Sequence[IndicatorSpec] = (), gap_wait: float = 1.0) -> None:
+                 default_indicators: Sequence[IndicatorSpec] = (), gap_wait: float = 1.0,
+                 quiet_after: float = 5.0) -> None:
         self.source = source
         self.gap_wait = gap_wait
+        self.quiet_after = quiet_after
         self.bind = bind
         self.emit = emit
         self.history_bars = history_bars
@@ -169,6 +175,8 @@ class BarService:
         self._lock = threading.RLock()
         self._sub_lock = threading.Lock()  # one subscription set-up at a time
         self._complete: set[SeriesKey] = set()  # all the history there is has been loaded
+        self._heard: dict[SeriesKey, float] = {}  # monotonic time of the series' last live bar
+        self._quiet_read: dict[SeriesKey, int] = {}  # in-progress label whose closing was looked up
 
     # subscriptions ------------------------------------------------------------------------------
     def subscribe(self, key: SeriesKey, indicators: Sequence[IndicatorSpec] = (), *, count: int | None = None,
@@ -234,9 +242,14 @@ class BarService:
                 self.counts["unsubscribed"] += 1
                 return None
             last = s.last_label
+            self._heard[key] = time.monotonic()
         missed: list[Bar] = []
         if bar.final and bar.prev is not None and last is not None and last < bar.prev < bar.datetime:
             missed = self._missed(key, last + 1, bar.prev)
+        return self._apply(s, missed, bar, message_id)
+
+    def _apply(self, s: BarSeries, missed: list[Bar], bar: Bar | None, message_id: str | None = None) -> Bar | None:
+        """Emit the ``missed`` closed bars read from the store, then handle ``bar`` (if any)."""
         emitted: list[tuple[Bar, dict[str, float | None]]] = []
         out = None
         with self._lock:
@@ -245,13 +258,51 @@ class BarService:
                 if got is not None:
                     self.counts["gap_emitted"] += 1
                     emitted.append((got, s.latest_indicators()))
-            out = s.on_bar(bar, message_id if bar.final else None)
-            if out is not None:
-                emitted.append((out, s.latest_indicators()))
+            if bar is not None:
+                out = s.on_bar(bar, message_id if bar.final else None)
+                if out is not None:
+                    emitted.append((out, s.latest_indicators()))
         for b, values in emitted:
             self.counts["emitted"] += 1
             self.emit(b, values)
         return out
+
+    def check_quiet(self, now: float | None = None) -> int:
+        """Series gone quiet with a bar in progress: emit its closed bars the store has. Returns how many.
+
+        A series whose realtime bar labelled L came and then nothing at all for the bar's length +
+        ``quiet_after`` s should have had L's closed bar by then (the tickhandler closes bars by
+        timer ~1 s after they end). If the live queue shed it, no later bar will say so while the
+        market is quiet: the store is read once per such L (no wait; nothing there means the
+        publisher has not closed it, e.g. it is down). Called on the live consumer's thread.
+        """
+        now = time.monotonic() if now is None else now
+        due: list[tuple[SeriesKey, BarSeries, int, int]] = []
+        with self._lock:
+            for key, s in self.series.items():
+                cur = s.current
+                heard = self._heard.get(key)
+                if cur is None or heard is None or self._quiet_read.get(key) == cur.datetime:
+                    continue
+                if now - heard < _FREQ_SECONDS[key[2]] + self.quiet_after:
+                    continue
+                self._quiet_read[key] = cur.datetime
+                last = s.last_label
+                due.append((key, s, cur.datetime if last is None else last + 1, cur.datetime))
+        n = 0
+        for key, s, start, end in due:
+            bars, _sources = self.source.load(*key, start=start, end=end)
+            bars = [b for b in bars if b.final]
+            self.counts["quiet_reads"] += 1
+            if not bars:
+                log.info("%s quiet with bar %d in progress; its closed bar is not stored (yet)",
+                         keys.bar_key(key[2], key[0], key[1]), end)
+                continue
+            before = self.counts["gap_emitted"]
+            self._apply(s, bars, None)
+            n += self.counts["gap_emitted"] - before
+        self.counts["quiet_emitted"] += n
+        return n
 
     def _missed(self, key: SeriesKey, start: int, end: int) -> list[Bar]:
         """The closed bars labelled ``start..end`` from the store. The publisher stores a closed bar
@@ -325,6 +376,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-bars", type=int, default=10_000, help="bars kept in memory per series (10000)")
     parser.add_argument("--max-subscriptions", type=int, default=1000)
     parser.add_argument("--live-max-length", type=int, default=10_000, help="bound of the live queue (drop oldest)")
+    parser.add_argument("--quiet-check", type=float, default=5.0, metavar="S",
+                        help="a series with a bar in progress and no live bar for the bar's length + S seconds "
+                             "reads its closed bar from the store once (it may have been shed; default 5)")
     parser.add_argument("--quantaxis-db", default=os.environ.get("QA_QUANTAXIS_DB", "quantaxis"),
                         help="QUANTAXIS database to read future_min/stock_min/*_day from ('' to disable; "
                              "default QA_QUANTAXIS_DB or quantaxis)")
@@ -359,11 +413,11 @@ class BarHandler:
         self.ibar_pub = None if args.no_republish else StreamPublisher(self.live_conn, topology=topo, batch_size=100)
         self.service = BarService(source, bind=self._bind, emit=self._emit, history_bars=args.history,
                                   max_bars=args.max_bars, max_subscriptions=args.max_subscriptions,
-                                  default_indicators=specs)
+                                  default_indicators=specs, quiet_after=args.quiet_check)
         live_q = topo.live_queue(topo.name(f"qa.barhandler.live.{uuid.uuid4().hex[:8]}"),
                                  max_length=args.live_max_length)
         self.live = Consumer(self.live_conn, live_q, self._on_live, message_type=Bar, topology=topo,
-                             prefetch=1000, ack_every=100)
+                             prefetch=1000, ack_every=100, on_idle=self.service.check_quiet, idle_interval=1.0)
         self.requests = Consumer(self.req_conn, topo.history_requests, self._on_request, topology=topo, prefetch=8)
 
     def _bind(self, key: SeriesKey) -> None:

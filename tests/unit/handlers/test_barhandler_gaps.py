@@ -85,3 +85,33 @@ def test_realtime_bars_and_bars_without_prev_read_nothing() -> None:
     svc.on_live(bar(5, final=False), "rt")
     svc.on_live(bar(5), "m5")                                               # prev unknown: emitted as it is
     assert out == [5] and len(store.reads) == reads
+
+
+def test_a_quiet_series_reads_the_closed_bar_of_its_bar_in_progress_once() -> None:
+    """The market pauses after bar 3; its closed bar was shed: no later bar's ``prev`` will tell."""
+    store = Stored([bar(i, i - 1 if i else None) for i in range(3)])
+    svc, out = service(store, quiet_after=5.0)
+    svc.on_live(bar(3, final=False), None)                                  # bar 3 in progress
+    heard = svc._heard[KEY]
+    store.bars.append(bar(3, 2))                                            # closed, stored, shed from the queue
+    reads = len(store.reads)
+    assert svc.check_quiet(heard + 64.0) == 0 and len(store.reads) == reads  # not quiet for 60 + 5 s yet
+    assert svc.check_quiet(heard + 66.0) == 1 and out == [3]
+    assert store.reads[reads:] == [(None, T0 + 2 * M + 1, T0 + 3 * M)]
+    assert svc.check_quiet(heard + 130.0) == 0 and len(store.reads) == reads + 1  # nothing in progress now
+    svc.on_live(bar(3, 2), "m3")                                            # a late copy is not emitted again
+    assert out == [3] and svc.counts["quiet_emitted"] == 1
+
+
+def test_a_quiet_series_whose_bar_is_not_stored_reads_once_and_emits_it_when_it_comes() -> None:
+    store = Stored([bar(i, i - 1 if i else None) for i in range(3)])
+    svc, out = service(store)
+    svc.on_live(bar(3, final=False), None)
+    heard = svc._heard[KEY]
+    reads = len(store.reads)
+    assert svc.check_quiet(heard + 70.0) == 0 and svc.check_quiet(heard + 140.0) == 0
+    assert len(store.reads) == reads + 1                                    # once per bar in progress
+    svc.on_live(bar(3, 2), "m3")                                            # the publisher closes it late
+    assert out == [3]
+    svc.on_live(bar(4, final=False), None)                                  # a new bar in progress: checked anew
+    assert svc.check_quiet(svc._heard[KEY] + 70.0) == 0 and len(store.reads) == reads + 2
