@@ -160,9 +160,9 @@ def filter_new(ticks: Sequence[Tick], mark: TickKey | None) -> tuple[list[Tick],
     batches (``filter_new(a+b, m) == filter_new(a, m) + filter_new(b, mark_after_a)``).
     """
     if ticks:
-        # Fast path (the common case: a clean feed, keys strictly increasing and above the mark),
-        # checked in C over the keys; falls back to the running filter below otherwise.
-        # Strictly increasing times make strictly increasing keys (time is the key's first part).
+        # Fast paths (the common case: a clean feed, keys strictly increasing and above the mark),
+        # checked in C: strictly increasing times (one int a tick: time is the key's first part),
+        # else strictly increasing keys (several ticks in one ms); the running filter below otherwise.
         dts = list(map(_dt_of, ticks))
         if (mark is None or _key_of(ticks[0]) > mark) and all(map(_lt, dts, islice(dts, 1, None))):
             return list(ticks), _key_of(ticks[-1])
