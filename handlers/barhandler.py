@@ -291,7 +291,15 @@ class BarService:
                 due.append((key, s, cur.datetime if last is None else last + 1, cur.datetime))
         n = 0
         for key, s, start, end in due:
-            bars, _sources = self.source.load(*key, start=start, end=end)
+            try:
+                bars, _sources = self.source.load(*key, start=start, end=end)
+            except Exception as exc:  # noqa: BLE001 - MongoDB down: look again after another quiet period
+                log.warning("%s quiet with bar %d in progress; reading the store failed: %s",
+                            keys.bar_key(key[2], key[0], key[1]), end, exc)
+                with self._lock:
+                    self._quiet_read.pop(key, None)
+                    self._heard[key] = now
+                continue
             bars = [b for b in bars if b.final]
             self.counts["quiet_reads"] += 1
             if not bars:

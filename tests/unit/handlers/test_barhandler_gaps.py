@@ -115,3 +115,23 @@ def test_a_quiet_series_whose_bar_is_not_stored_reads_once_and_emits_it_when_it_
     assert out == [3]
     svc.on_live(bar(4, final=False), None)                                  # a new bar in progress: checked anew
     assert svc.check_quiet(svc._heard[KEY] + 70.0) == 0 and len(store.reads) == reads + 2
+
+
+def test_a_failed_quiet_read_is_tried_again_after_another_quiet_period() -> None:
+    class Down(Stored):
+        down = True
+
+        def load(self, *a: Any, **kw: Any) -> tuple[list[Bar], dict[str, int]]:
+            if self.down and kw.get("end") is not None:
+                raise ConnectionError("MongoDB down")
+            return super().load(*a, **kw)
+
+    store = Down([bar(i, i - 1 if i else None) for i in range(3)])
+    svc, out = service(store)
+    svc.on_live(bar(3, final=False), None)
+    heard = svc._heard[KEY]
+    store.bars.append(bar(3, 2))
+    assert svc.check_quiet(heard + 66.0) == 0                               # logged, not raised into the consumer
+    store.down = False
+    assert svc.check_quiet(heard + 100.0) == 0                              # the quiet period starts again
+    assert svc.check_quiet(heard + 132.0) == 1 and out == [3]
