@@ -18,9 +18,9 @@ run time by the first history request for it -- the daemon
    are not lost: a closed bar carries ``prev``, the label of the series' bar published before
    it; when that is newer than the series' newest bar, the bars in between are read from the
    bar store and emitted first, in order. A series that then goes quiet (the market pauses)
-   would wait for its next bar to learn of a shed one: so when a series has had a realtime bar
-   and nothing at all for the bar's length + ``--quiet-check`` seconds, its newer closed bars are
-   read from the store once (:meth:`BarService.check_quiet`).
+   would wait for its next bar to learn of a shed one: so when a series hears nothing for its
+   bar's length + ``--quiet-check`` seconds, its closed bars newer than its newest are read from
+   the store once (:meth:`BarService.check_quiet`).
 
 History requests (:class:`qamarket.rpc.HistoryRequest`) arrive on ``qa.barhandler.history``
 and are answered to ``reply_to`` with ``correlation_id``; a bad request gets an error reply
@@ -176,7 +176,7 @@ class BarService:
         self._sub_lock = threading.Lock()  # one subscription set-up at a time
         self._complete: set[SeriesKey] = set()  # all the history there is has been loaded
         self._heard: dict[SeriesKey, float] = {}  # monotonic time of the series' last live bar
-        self._quiet_read: dict[SeriesKey, int] = {}  # in-progress label whose closing was looked up
+        self._quiet_read: dict[SeriesKey, float] = {}  # the _heard time whose quiet period was looked up
 
     # subscriptions ------------------------------------------------------------------------------
     def subscribe(self, key: SeriesKey, indicators: Sequence[IndicatorSpec] = (), *, count: int | None = None,
@@ -268,34 +268,34 @@ class BarService:
         return out
 
     def check_quiet(self, now: float | None = None) -> int:
-        """Series gone quiet with a bar in progress: emit its closed bars the store has. Returns how many.
+        """Series gone quiet: emit the closed bars newer than their newest that the store has.
 
-        A series whose realtime bar labelled L came and then nothing at all for the bar's length +
-        ``quiet_after`` s should have had L's closed bar by then (the tickhandler closes bars by
-        timer ~1 s after they end). If the live queue shed it, no later bar will say so while the
-        market is quiet: the store is read once per such L (no wait; nothing there means the
-        publisher has not closed it, e.g. it is down). Called on the live consumer's thread.
+        A series that heard nothing at all for its bar's length + ``quiet_after`` s since its last
+        live bar should have had every bar it was building closed by then (the tickhandler closes
+        bars by timer ~1 s after they end). If the live queue shed the last ones, no later bar's
+        ``prev`` says so while the market is quiet: the store is read once per quiet period (no
+        wait). Returns how many bars were emitted. Called on the live consumer's thread.
         """
         now = time.monotonic() if now is None else now
-        due: list[tuple[SeriesKey, BarSeries, int, int]] = []
+        due: list[tuple[SeriesKey, BarSeries, int, bool]] = []
         with self._lock:
             for key, s in self.series.items():
-                cur = s.current
                 heard = self._heard.get(key)
-                if cur is None or heard is None or self._quiet_read.get(key) == cur.datetime:
+                if heard is None or self._quiet_read.get(key) == heard:
                     continue
                 if now - heard < _FREQ_SECONDS[key[2]] + self.quiet_after:
                     continue
-                self._quiet_read[key] = cur.datetime
-                last = s.last_label
-                due.append((key, s, cur.datetime if last is None else last + 1, cur.datetime))
+                self._quiet_read[key] = heard
+                last, cur = s.last_label, s.current
+                if last is not None or cur is not None:
+                    due.append((key, s, last + 1 if last is not None else cur.datetime, cur is not None))  # type: ignore[union-attr]
         n = 0
-        for key, s, start, end in due:
+        for key, s, start, in_progress in due:
+            name = keys.bar_key(key[2], key[0], key[1])
             try:
-                bars, _sources = self.source.load(*key, start=start, end=end)
+                bars, _sources = self.source.load(*key, start=start, end=None)
             except Exception as exc:  # noqa: BLE001 - MongoDB down: look again after another quiet period
-                log.warning("%s quiet with bar %d in progress; reading the store failed: %s",
-                            keys.bar_key(key[2], key[0], key[1]), end, exc)
+                log.warning("%s quiet; reading its newer bars from the store failed: %s", name, exc)
                 with self._lock:
                     self._quiet_read.pop(key, None)
                     self._heard[key] = now
@@ -303,8 +303,8 @@ class BarService:
             bars = [b for b in bars if b.final]
             self.counts["quiet_reads"] += 1
             if not bars:
-                log.info("%s quiet with bar %d in progress; its closed bar is not stored (yet)",
-                         keys.bar_key(key[2], key[0], key[1]), end)
+                if in_progress:  # its bar in progress should be closed by now: the publisher is late or down
+                    log.info("%s quiet with a bar in progress; its closed bar is not stored (yet)", name)
                 continue
             before = self.counts["gap_emitted"]
             self._apply(s, bars, None)
@@ -385,8 +385,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-subscriptions", type=int, default=1000)
     parser.add_argument("--live-max-length", type=int, default=10_000, help="bound of the live queue (drop oldest)")
     parser.add_argument("--quiet-check", type=float, default=5.0, metavar="S",
-                        help="a series with a bar in progress and no live bar for the bar's length + S seconds "
-                             "reads its closed bar from the store once (it may have been shed; default 5)")
+                        help="a series with no live bar for its bar's length + S seconds reads its newer closed "
+                             "bars from the store once (the live queue may have shed them; default 5)")
     parser.add_argument("--quantaxis-db", default=os.environ.get("QA_QUANTAXIS_DB", "quantaxis"),
                         help="QUANTAXIS database to read future_min/stock_min/*_day from ('' to disable; "
                              "default QA_QUANTAXIS_DB or quantaxis)")

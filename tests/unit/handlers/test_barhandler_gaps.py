@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import msgspec
+
 from handlers.barhandler import BarService
 from qamarket.models import Bar
 
@@ -97,8 +99,8 @@ def test_a_quiet_series_reads_the_closed_bar_of_its_bar_in_progress_once() -> No
     reads = len(store.reads)
     assert svc.check_quiet(heard + 64.0) == 0 and len(store.reads) == reads  # not quiet for 60 + 5 s yet
     assert svc.check_quiet(heard + 66.0) == 1 and out == [3]
-    assert store.reads[reads:] == [(None, T0 + 2 * M + 1, T0 + 3 * M)]
-    assert svc.check_quiet(heard + 130.0) == 0 and len(store.reads) == reads + 1  # nothing in progress now
+    assert store.reads[reads:] == [(None, T0 + 2 * M + 1, None)]
+    assert svc.check_quiet(heard + 130.0) == 0 and len(store.reads) == reads + 1  # once per quiet period
     svc.on_live(bar(3, 2), "m3")                                            # a late copy is not emitted again
     assert out == [3] and svc.counts["quiet_emitted"] == 1
 
@@ -110,7 +112,7 @@ def test_a_quiet_series_whose_bar_is_not_stored_reads_once_and_emits_it_when_it_
     heard = svc._heard[KEY]
     reads = len(store.reads)
     assert svc.check_quiet(heard + 70.0) == 0 and svc.check_quiet(heard + 140.0) == 0
-    assert len(store.reads) == reads + 1                                    # once per bar in progress
+    assert len(store.reads) == reads + 1                                    # once per quiet period
     svc.on_live(bar(3, 2), "m3")                                            # the publisher closes it late
     assert out == [3]
     svc.on_live(bar(4, final=False), None)                                  # a new bar in progress: checked anew
@@ -122,7 +124,7 @@ def test_a_failed_quiet_read_is_tried_again_after_another_quiet_period() -> None
         down = True
 
         def load(self, *a: Any, **kw: Any) -> tuple[list[Bar], dict[str, int]]:
-            if self.down and kw.get("end") is not None:
+            if self.down and kw.get("start") is not None:
                 raise ConnectionError("MongoDB down")
             return super().load(*a, **kw)
 
@@ -135,3 +137,21 @@ def test_a_failed_quiet_read_is_tried_again_after_another_quiet_period() -> None
     store.down = False
     assert svc.check_quiet(heard + 100.0) == 0                              # the quiet period starts again
     assert svc.check_quiet(heard + 132.0) == 1 and out == [3]
+
+
+def test_a_quiet_series_without_realtime_bars_reads_its_newer_closed_bars_too() -> None:
+    """A 5-min series (no realtime updates by default): its last bar before a break was shed."""
+    five = ("SHFE", "rb2605", "5min")
+
+    def b5(i: int) -> Bar:
+        return msgspec.structs.replace(bar(5 * i), freq="5min", prev=None if i == 0 else T0 + 5 * (i - 1) * M)
+
+    store = Stored([b5(0)])
+    out: list[int] = []
+    svc = BarService(store, emit=lambda b, _v: out.append((b.datetime - T0) // (5 * M)))
+    svc.subscribe(five)
+    svc.on_live(b5(1), "m1")
+    heard = svc._heard[five]
+    store.bars += [b5(1), b5(2)]                                            # bar 2 stored, shed from the queue
+    assert svc.check_quiet(heard + 300.0) == 0                              # not quiet for 5 min + 5 s yet
+    assert svc.check_quiet(heard + 306.0) == 1 and out == [1, 2]
