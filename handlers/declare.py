@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 
 from qapubsub.settings import Settings
-from qapubsub.topology import Topology
+from qapubsub.topology import Topology, tick_shards_from_env
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -24,9 +24,7 @@ def run(args: argparse.Namespace) -> int:
         conn = pika.BlockingConnection(pika.URLParameters(settings.amqp_url))
     except Exception as exc:  # noqa: BLE001
         raise CannotConnect(f"RabbitMQ at {settings.amqp_url and __import__('qapubsub').redact_url(settings.amqp_url)}: {exc}") from None
-    import os
-
-    shards = args.tick_shards if args.tick_shards is not None else int(os.environ.get("QA_TICK_SHARDS", "1") or 1)
+    shards = args.tick_shards if args.tick_shards is not None else tick_shards_from_env()
     queues = [*topo.platform_queues, *(topo.tick_queue(i) for i in range(1, shards))]
     try:
         topo.declare_sync(conn.channel(), queues=queues)

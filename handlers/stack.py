@@ -17,6 +17,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from qapubsub.settings import ConfigError
+from qapubsub.topology import tick_shards_from_env
+
 STATE = Path(os.environ.get("QA_STATE_DIR", ".qaflow"))
 
 
@@ -32,11 +35,19 @@ STRATEGY = ("strategy", "qamarket.strategies.ma_cross:MaCross", "--id", "ma-demo
 
 
 def default_daemons(accounts: Sequence[str] = ("demo1", "demo2", "demo3"),
-                    strategy_accounts: Sequence[str] = ("demo1", "demo2"), web_port: int = 8010) -> list[Daemon]:
-    """The whole platform: data in, bars, orders, executors, accounts, risk, a strategy, the web."""
+                    strategy_accounts: Sequence[str] = ("demo1", "demo2"), web_port: int = 8010,
+                    tick_shards: int | None = None) -> list[Daemon]:
+    """The whole platform: data in, bars, orders, executors, accounts, risk, a strategy, the web.
+
+    One tickhandler per tick shard (``tick_shards``, default ``QA_TICK_SHARDS`` or 1): every shard
+    queue needs its consumer, or the instruments hashed to it would wait there unhandled.
+    """
     acc = tuple(a for name in accounts for a in ("--account", name))
+    shards = tick_shards_from_env() if tick_shards is None else tick_shards
+    ticks = [Daemon("tickhandler", ("tickhandler",))] if shards == 1 else [
+        Daemon(f"tickhandler-{i}", ("tickhandler", "--shard", str(i), "--shards", str(shards))) for i in range(shards)]
     return [
-        Daemon("tickhandler", ("tickhandler",)),
+        *ticks,
         Daemon("barhandler", ("barhandler", "--subscribe", "SHFE.rb2605:1min,5min")),
         Daemon("router", ("router",)),
         Daemon("broker-sim", ("broker", "sim", *acc)),
@@ -123,13 +134,18 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--accounts", default="demo1,demo2,demo3", help="paper accounts the executor serves")
     parser.add_argument("--strategy-accounts", default="demo1,demo2", help="accounts the example strategy trades")
     parser.add_argument("--web-port", type=int, default=8010)
+    parser.add_argument("--tick-shards", type=int, default=None, metavar="N",
+                        help="tickhandler processes, one per shard (default QA_TICK_SHARDS or 1; about one per "
+                             "spare core for heavy feeds, see docs/operations.md)")
 
 
 def run(args: argparse.Namespace) -> int:
     """``qaflow up``: start the platform's daemons in the background."""
+    if args.tick_shards is not None and args.tick_shards < 1:
+        raise ConfigError(f"--tick-shards {args.tick_shards}: at least 1")
     stack = Stack()
     for d in default_daemons([a for a in args.accounts.split(",") if a],
-                             [a for a in args.strategy_accounts.split(",") if a], args.web_port):
+                             [a for a in args.strategy_accounts.split(",") if a], args.web_port, args.tick_shards):
         p = stack.start(d, detach=True)
         print(f"started {d.name:12} pid {p.pid}  log {stack.logs / (d.name + '.log')}")
     print("stop them with: qaflow down")

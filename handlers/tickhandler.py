@@ -68,7 +68,7 @@ from qapubsub import keys
 from qapubsub.coalesce import CoalescingWriter
 from qapubsub.handling import Transient
 from qapubsub.settings import Settings, mongo_client
-from qapubsub.topology import Topology
+from qapubsub.topology import Topology, tick_shards_from_env
 
 log = logging.getLogger(__name__)
 
@@ -598,19 +598,22 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def build(settings: Settings, args: argparse.Namespace) -> tuple[Any, TickPipeline]:
 
     from qamarket.store import BarStore, TickStore
+    from qapubsub.settings import ConfigError
     from qapubsub.sync import Connection
 
-    topo = Topology(settings.namespace if args.namespace is None else args.namespace)
-    db = mongo_client(settings)[settings.mongo_db]
-    conn = Connection(settings, client_name="qaflow-tickhandler")
+    # bad options and settings first, before anything connects
+    shards = args.shards if args.shards is not None else tick_shards_from_env()
+    if shards < 1 or not 0 <= args.shard < shards:
+        raise ConfigError(f"--shard {args.shard} is not one of the {shards} shard(s) (--shards / QA_TICK_SHARDS)")
     freqs = [f.strip() for f in args.freqs.split(",") if f.strip()]
     unknown = sorted(set(freqs) - set(ALL_FREQS))
     if unknown:
-        from qapubsub.settings import ConfigError
         raise ConfigError(f"--freqs: unknown frequency {', '.join(unknown)} (use {', '.join(ALL_FREQS)})")
     if args.pipeline_depth < 0:
-        from qapubsub.settings import ConfigError
         raise ConfigError(f"--pipeline-depth {args.pipeline_depth}: must be 0 or more")
+    topo = Topology(settings.namespace if args.namespace is None else args.namespace)
+    db = mongo_client(settings)[settings.mongo_db]
+    conn = Connection(settings, client_name="qaflow-tickhandler")
     # The writer thread owns bar_conn (closed bars); the consumer's thread publishes realtime bars on conn.
     bar_conn = Connection(settings, client_name="qaflow-tickhandler-bars")
 
@@ -623,12 +626,6 @@ def build(settings: Settings, args: argparse.Namespace) -> tuple[Any, TickPipeli
                             clock=FeedClock(args.clock), check_sessions=not args.no_session_check,
                             takeover_hold=args.takeover_hold, background=True, writer_idle=writer_idle,
                             write_wait=max(0.0, args.write_wait))
-    import os
-
-    shards = args.shards if args.shards is not None else int(os.environ.get("QA_TICK_SHARDS", "1") or 1)
-    if shards < 1 or not 0 <= args.shard < shards:
-        from qapubsub.settings import ConfigError
-        raise ConfigError(f"--shard {args.shard} is not one of the {shards} shard(s) (--shards / QA_TICK_SHARDS)")
     topo.declare_sync(conn.channel(), queues=[topo.tick_queue(i) for i in range(shards)])
     consumer = _tick_batch_consumer(conn, topo.tick_queue(args.shard), pipeline.submit, message_type=TickDecoder(),
                                     max_batch_ticks=max(1, args.batch_ticks), topology=topo,

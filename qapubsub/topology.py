@@ -105,6 +105,22 @@ def tick_queue_type_from_env(env: Any = None) -> str:
     return value
 
 
+def tick_shards_from_env(env: Any = None) -> int:
+    """``QA_TICK_SHARDS``: how many tickhandler shard queues the ticks are spread over (default 1)."""
+    import os
+
+    from .settings import ConfigError
+
+    raw = ((os.environ if env is None else env).get("QA_TICK_SHARDS") or "1").strip()
+    try:
+        n = int(raw)
+    except ValueError:
+        raise ConfigError(f"QA_TICK_SHARDS={raw!r} is not a whole number") from None
+    if n < 1:
+        raise ConfigError(f"QA_TICK_SHARDS={raw!r}: at least 1")
+    return n
+
+
 class Topology:
     """All names and declarations of one QAFlow installation (one namespace).
 
