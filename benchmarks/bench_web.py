@@ -360,6 +360,7 @@ def run(seconds: float = 25.0) -> dict[str, Any]:
             c.close()
         except Exception:  # noqa: BLE001
             pass
+        log.unlink(missing_ok=True)  # read above if the daemon failed to start; nothing left in /tmp
     ref = intrinsic()
     live: dict[str, Any] = {}
     for plain, defl, key in (("diff", "diff+deflate", "diff"), ("full", "full+deflate", "full")):
