@@ -293,14 +293,13 @@ class BarService:
         for key, s, start, in_progress in due:
             name = keys.bar_key(key[2], key[0], key[1])
             try:
-                bars, _sources = self.source.load(*key, start=start, end=None)
+                bars = self._closed_in_store(key, start, None)
             except Exception as exc:  # noqa: BLE001 - MongoDB down: look again after another quiet period
                 log.warning("%s quiet; reading its newer bars from the store failed: %s", name, exc)
                 with self._lock:
                     self._quiet_read.pop(key, None)
                     self._heard[key] = now
                 continue
-            bars = [b for b in bars if b.final]
             self.counts["quiet_reads"] += 1
             if not bars:
                 if in_progress:  # its bar in progress should be closed by now: the publisher is late or down
@@ -318,8 +317,7 @@ class BarService:
         up to ``gap_wait`` s; then go on with what there is (counted, logged)."""
         deadline = time.monotonic() + self.gap_wait
         while True:
-            bars, _sources = self.source.load(*key, start=start, end=end)
-            bars = [b for b in bars if b.final]
+            bars = self._closed_in_store(key, start, end)
             if any(b.datetime == end for b in bars) or time.monotonic() >= deadline:
                 break
             time.sleep(0.05)
@@ -329,6 +327,10 @@ class BarService:
                         keys.bar_key(key[2], key[0], key[1]), end, self.gap_wait, len(bars))
         self.counts["gaps"] += 1
         return bars
+
+    def _closed_in_store(self, key: SeriesKey, start: int, end: int | None) -> list[Bar]:
+        bars, _sources = self.source.load(*key, start=start, end=end)
+        return [b for b in bars if b.final]
 
     # requests ------------------------------------------------------------------------------------
     def answer(self, body: bytes) -> HistoryReply | None:
