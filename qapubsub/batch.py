@@ -22,10 +22,10 @@ deliveries (the tickhandler closes bars by timer there); ``on_stop`` once when s
 after the last batch and before the channel closes.
 
 Pipelining (``pipeline_depth`` > 0). The handler may return a
-:class:`concurrent.futures.Future` (e.g. of a job on a :class:`qapubsub.coalesce.CoalescingWriter`) whose result is the ``{delivery_tag: reason}`` mapping:
-the batch's slow side effect (a database write) then runs elsewhere while the consumer
-collects and hands over the next batches. Up to ``pipeline_depth`` batches are in flight;
-one more and the consumer waits for the oldest. Batches are acknowledged strictly in the
+:class:`concurrent.futures.Future` (e.g. of a job on a :class:`qapubsub.coalesce.CoalescingWriter`)
+whose result is the ``{delivery_tag: reason}`` mapping: the batch's slow side effect (a
+database write) then runs elsewhere while the consumer collects and hands over the next batches.
+Up to ``pipeline_depth`` batches are in flight; one more and the consumer waits for the oldest. Batches are acknowledged strictly in the
 order they were handed over, each only once its future is done, so a multiple-ack never
 covers unfinished work. A failed future requeues that batch *and every later one in
 flight* (one ``multiple`` nack: their work assumed the failed one), then backs off; after a
@@ -71,8 +71,9 @@ class BatchConsumer(Consumer):
                  batch_size: int = 500, batch_wait: float = 0.02, on_idle: Callable[[], None] | None = None,
                  idle_interval: float = 0.1, prefetch: int = 2000, retry_backoff: Backoff | None = None,
                  on_stop: Callable[[], None] | None = None, pipeline_depth: int = 0, **kwargs: Any) -> None:
+        # the poll interval is also clamped to idle_interval, by the base when there is an on_idle
         super().__init__(connection, queue, self._unused, prefetch=prefetch, ack_every=1 << 30,
-                         poll_interval=min(kwargs.pop("poll_interval", 0.05), batch_wait, idle_interval),
+                         poll_interval=min(kwargs.pop("poll_interval", 0.05), batch_wait),
                          on_idle=on_idle, idle_interval=idle_interval, **kwargs)
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
