@@ -22,18 +22,19 @@ deliveries (the tickhandler closes bars by timer there); ``on_stop`` once when s
 after the last batch and before the channel closes.
 
 Pipelining (``pipeline_depth`` > 0). The handler may return a
-:class:`concurrent.futures.Future` (e.g. of a job on a :class:`qapubsub.coalesce.CoalescingWriter`)
-whose result is the ``{delivery_tag: reason}`` mapping: the batch's slow side effect (a
-database write) then runs elsewhere while the consumer collects and hands over the next batches.
-Up to ``pipeline_depth`` batches are in flight; one more and the consumer waits for the oldest. Batches are acknowledged strictly in the
-order they were handed over, each only once its future is done, so a multiple-ack never
-covers unfinished work. A failed future requeues that batch *and every later one in
-flight* (one ``multiple`` nack: their work assumed the failed one), then backs off; after a
-failure other than :class:`~qapubsub.handling.Transient` the consumer waits for each batch
-at once until one succeeds, so the one-at-a-time isolation above still finds a poison
-message. The handler is told nothing: it must itself make a requeued batch safe to handle
-again (the tickhandler rebuilds the instruments concerned from its store). With
-``pipeline_depth`` 0 (the default) a returned future is waited for at once.
+:class:`concurrent.futures.Future` (e.g. of a job on a
+:class:`qapubsub.coalesce.CoalescingWriter`) whose result is the ``{delivery_tag: reason}``
+mapping: the batch's slow side effect (a database write) then runs elsewhere while the
+consumer collects and hands over the next batches. Up to ``pipeline_depth`` batches are in
+flight; one more and the consumer waits for the oldest. Batches are acknowledged strictly in
+the order they were handed over, each only once its future is done, so a multiple-ack never
+covers unfinished work. A failed future requeues that batch *and every later one in flight*
+(one ``multiple`` nack: their work assumed the failed one), then backs off; after a failure
+other than :class:`~qapubsub.handling.Transient` the consumer waits for each batch at once
+until one succeeds, so the one-at-a-time isolation above still finds a poison message. The
+handler is told nothing: it must itself make a requeued batch safe to handle again (the
+tickhandler rebuilds the instruments concerned from its store). With ``pipeline_depth`` 0 (the
+default) a returned future is waited for at once.
 """
 from __future__ import annotations
 
